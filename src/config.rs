@@ -1,0 +1,266 @@
+//! Typed configuration: `edgegen.toml`, then `EDGEGEN_*` environment
+//! variables, then command-line flags. Every key has a default.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub models: ModelsConfig,
+    pub engine: EngineConfig,
+    pub mqtt: MqttConfig,
+    pub limits: Limits,
+    pub kiosk: KioskConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    pub dir: PathBuf,
+    pub default: String,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            dir: "models".into(),
+            default: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMode {
+    #[default]
+    Resident,
+    Sequential,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    pub threads: usize,
+    pub memory: MemoryMode,
+    pub cache_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    pub broker: String,
+    pub listen: String,
+    pub prefix: String,
+    pub node_id: String,
+    pub client_id: String,
+    pub username: String,
+    pub password_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub shared_group: String,
+    pub home_assistant: bool,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            broker: "embedded".into(),
+            listen: "127.0.0.1:1883".into(),
+            prefix: "edgegen".into(),
+            node_id: String::new(),
+            client_id: String::new(),
+            username: String::new(),
+            password_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            shared_group: String::new(),
+            home_assistant: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub queue: usize,
+    pub max_steps: u32,
+    pub max_pixels: u64,
+    pub max_payload_bytes: usize,
+    pub max_prompt_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            queue: 16,
+            max_steps: 50,
+            max_pixels: 262_144,
+            max_payload_bytes: 65_536,
+            max_prompt_chars: 1000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KioskConfig {
+    pub enabled: bool,
+    pub listen: String,
+}
+
+impl Default for KioskConfig {
+    fn default() -> Self {
+        KioskConfig {
+            enabled: false,
+            listen: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub output_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub max_bytes: u64,
+    pub max_age_days: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            output_dir: "images".into(),
+            state_dir: "state".into(),
+            max_bytes: 0,
+            max_age_days: 0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a config file; unknown keys and wrong types are errors naming the key.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Config::from_toml(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config> {
+        toml::from_str(text).map_err(|e| anyhow!("{}", e.to_string().trim_end()))
+    }
+
+    /// Loads the given file, or `config/edgegen.toml` when it exists, or the defaults;
+    /// then applies `EDGEGEN_<SECTION>_<KEY>` environment variables.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let mut config = match path {
+            Some(path) => Config::from_file(path)?,
+            None => {
+                let default = Path::new("config/edgegen.toml");
+                if default.is_file() {
+                    Config::from_file(default)?
+                } else {
+                    Config::default()
+                }
+            }
+        };
+        config.apply_env(std::env::vars())?;
+        Ok(config)
+    }
+
+    /// `EDGEGEN_MQTT_BROKER=mqtt://host:1883` sets `mqtt.broker`, and so on for every key.
+    pub fn apply_env(&mut self, vars: impl Iterator<Item = (String, String)>) -> Result<()> {
+        let mut table = toml::Table::try_from(&*self).context("serializing config")?;
+        let mut changed = false;
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix("EDGEGEN_") else {
+                continue;
+            };
+            if rest == "LOG" {
+                continue;
+            }
+            let lower = rest.to_ascii_lowercase();
+            let Some((section, key)) = lower.split_once('_') else {
+                bail!("environment variable {name}: expected EDGEGEN_<SECTION>_<KEY>");
+            };
+            let Some(toml::Value::Table(section_table)) = table.get_mut(section) else {
+                bail!("environment variable {name}: unknown section '{section}'");
+            };
+            let Some(current) = section_table.get(key) else {
+                bail!("environment variable {name}: unknown key '{section}.{key}'");
+            };
+            let parsed = parse_like(current, &value)
+                .with_context(|| format!("environment variable {name}"))?;
+            section_table.insert(key.to_string(), parsed);
+            changed = true;
+        }
+        if changed {
+            *self = table
+                .try_into()
+                .map_err(|e: toml::de::Error| anyhow!("{e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_like(current: &toml::Value, text: &str) -> Result<toml::Value> {
+    Ok(match current {
+        toml::Value::Integer(_) => toml::Value::Integer(
+            text.parse()
+                .map_err(|_| anyhow!("expected an integer, got '{text}'"))?,
+        ),
+        toml::Value::Boolean(_) => toml::Value::Boolean(
+            text.parse()
+                .map_err(|_| anyhow!("expected true or false, got '{text}'"))?,
+        ),
+        toml::Value::Float(_) => toml::Value::Float(
+            text.parse()
+                .map_err(|_| anyhow!("expected a number, got '{text}'"))?,
+        ),
+        _ => toml::Value::String(text.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[limits]\nqueue = 3\nmax_stepz = 4\n").unwrap_err();
+        assert!(format!("{err:#}").contains("max_stepz"), "{err:#}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::from_toml("[engine]\nthreads = \"many\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("threads"), "{err:#}");
+    }
+
+    #[test]
+    fn env_overrides_keys() {
+        let mut config = Config::default();
+        let vars = vec![
+            ("EDGEGEN_LIMITS_QUEUE".to_string(), "3".to_string()),
+            ("EDGEGEN_MQTT_BROKER".to_string(), "mqtt://h:1".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        config.apply_env(vars.into_iter()).unwrap();
+        assert_eq!(config.limits.queue, 3);
+        assert_eq!(config.mqtt.broker, "mqtt://h:1");
+    }
+
+    #[test]
+    fn env_unknown_key_is_named() {
+        let mut config = Config::default();
+        let vars = vec![("EDGEGEN_LIMITS_QUEUEZ".to_string(), "3".to_string())];
+        let err = config.apply_env(vars.into_iter()).unwrap_err();
+        assert!(format!("{err:#}").contains("limits.queuez"), "{err:#}");
+    }
+}

@@ -1,0 +1,505 @@
+//! The only module that talks to tract: loading ONNX graphs, fixing their
+//! shapes, optimizing them per shape and running them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ndarray::{ArrayD, IxDyn};
+use tract_linalg::multithread::Executor;
+use tract_onnx::pb::tensor_proto::DataType;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::internal::DimLike;
+
+/// Sets how many threads tract's matrix kernels use; 0 means every core.
+pub fn set_threads(threads: usize) {
+    let threads = if threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        threads
+    };
+    let executor = if threads <= 1 {
+        Executor::SingleThread
+    } else {
+        Executor::multithread(threads)
+    };
+    tract_linalg::multithread::set_default_executor(executor);
+}
+
+/// Element type of a graph input or output, as declared in the ONNX file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElementType {
+    F32,
+    F16,
+    I32,
+    I64,
+    Other,
+}
+
+impl fmt::Display for ElementType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            ElementType::F32 => "float32",
+            ElementType::F16 => "float16",
+            ElementType::I32 => "int32",
+            ElementType::I64 => "int64",
+            ElementType::Other => "other",
+        };
+        f.write_str(name)
+    }
+}
+
+/// A graph input as the ONNX file declares it; `None` dims are symbolic.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    pub name: String,
+    pub element: ElementType,
+    pub shape: Option<Vec<Option<usize>>>,
+}
+
+impl TensorSpec {
+    pub fn rank(&self) -> Option<usize> {
+        self.shape.as_ref().map(|s| s.len())
+    }
+}
+
+impl fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.name, self.element)?;
+        match &self.shape {
+            None => write!(f, " [?]"),
+            Some(dims) => {
+                let dims: Vec<String> = dims
+                    .iter()
+                    .map(|d| d.map_or("?".to_string(), |d| d.to_string()))
+                    .collect();
+                write!(f, " [{}]", dims.join(", "))
+            }
+        }
+    }
+}
+
+/// A value handed to a graph; the engine casts it to the declared type.
+#[derive(Clone, Debug)]
+pub enum Input {
+    Float(ArrayD<f32>),
+    Int(ArrayD<i64>),
+}
+
+impl Input {
+    /// A batch of one repeated value becomes that one value (a `[batch]`
+    /// timestep fed to a graph that takes a scalar).
+    fn collapse_repeated(self) -> Input {
+        fn first_if_all_equal<T: Copy + PartialEq>(a: &ArrayD<T>) -> Option<T> {
+            let first = *a.iter().next()?;
+            a.iter().all(|&v| v == first).then_some(first)
+        }
+        match &self {
+            Input::Float(a) => match first_if_all_equal(a) {
+                Some(v) => Input::Float(ArrayD::from_elem(IxDyn(&[1]), v)),
+                None => self,
+            },
+            Input::Int(a) => match first_if_all_equal(a) {
+                Some(v) => Input::Int(ArrayD::from_elem(IxDyn(&[1]), v)),
+                None => self,
+            },
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Input::Float(a) => a.shape(),
+            Input::Int(a) => a.shape(),
+        }
+    }
+}
+
+/// What the ONNX file holds that matters for quantization reports.
+#[derive(Clone, Debug, Default)]
+pub struct GraphSummary {
+    /// Operator types that only appear in quantized graphs, with counts.
+    pub quantized_ops: BTreeMap<String, usize>,
+    /// Weight element types (initializers), with total element counts.
+    pub weight_types: BTreeMap<String, usize>,
+    pub node_count: usize,
+}
+
+impl GraphSummary {
+    /// "f32", "f16", "int8 (QDQ)", "int8 (dynamic)", … — the weight format in one word.
+    pub fn quantization(&self) -> String {
+        let has = |op: &str| self.quantized_ops.contains_key(op);
+        if has("DynamicQuantizeLinear") || has("MatMulInteger") || has("ConvInteger") {
+            return "int8 (dynamic)".into();
+        }
+        if has("QLinearConv") || has("QLinearMatMul") {
+            return "int8 (QOperator)".into();
+        }
+        if has("DequantizeLinear") {
+            return "int8 (QDQ)".into();
+        }
+        let f16 = self.weight_types.get("float16").copied().unwrap_or(0);
+        let f32 = self.weight_types.get("float32").copied().unwrap_or(0);
+        if f16 > f32 {
+            "f16".into()
+        } else {
+            "f32".into()
+        }
+    }
+}
+
+const QUANTIZED_OPS: &[&str] = &[
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearMatMul",
+    "QLinearConv",
+];
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// One ONNX graph, parsed once, with one optimized plan per input shape set.
+pub struct OnnxModel {
+    path: PathBuf,
+    graph: InferenceModel,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<String>,
+    summary: GraphSummary,
+    plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
+}
+
+impl fmt::Debug for OnnxModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OnnxModel")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl OnnxModel {
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            bail!("{}: file not found", path.display());
+        }
+        let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+        let proto = onnx
+            .proto_model_for_path(path)
+            .map_err(|e| anyhow!("{}: not a readable ONNX model: {e:#}", path.display()))?;
+        let summary = summarize(&proto);
+        let dir = path.parent().and_then(|d| d.to_str());
+        let parsed = onnx
+            .parse(&proto, dir)
+            .map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+        if !parsed.unresolved_inputs.is_empty() {
+            bail!(
+                "{}: graph refers to undefined tensors {:?}",
+                path.display(),
+                parsed.unresolved_inputs
+            );
+        }
+        let graph = parsed.model;
+        reject_unsupported_ops(path, &graph)?;
+        let inputs = input_specs(path, &graph)?;
+        let outputs = output_names(&graph)?;
+        log::debug!("loaded {} ({} nodes)", path.display(), graph.nodes().len());
+        Ok(OnnxModel {
+            path: path.to_path_buf(),
+            graph,
+            inputs,
+            outputs,
+            summary,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+
+    pub fn input(&self, name: &str) -> Option<&TensorSpec> {
+        self.inputs.iter().find(|s| s.name == name)
+    }
+
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
+
+    pub fn summary(&self) -> &GraphSummary {
+        &self.summary
+    }
+
+    /// Runs the graph; `inputs` are matched by name, outputs come back as f32 in graph order.
+    pub fn run(&self, inputs: Vec<(&str, Input)>) -> Result<Vec<ArrayD<f32>>> {
+        let mut by_name: HashMap<&str, Input> = inputs.into_iter().collect();
+        let mut values = TVec::new();
+        for spec in &self.inputs {
+            let input = by_name.remove(spec.name.as_str()).ok_or_else(|| {
+                anyhow!(
+                    "{}: no value given for input '{}'",
+                    self.path.display(),
+                    spec.name
+                )
+            })?;
+            values.push(self.to_tensor(spec, input)?);
+        }
+        if let Some(name) = by_name.keys().next() {
+            bail!(
+                "{}: the graph has no input '{name}' (inputs: {})",
+                self.path.display(),
+                self.input_names()
+            );
+        }
+        let shapes: Vec<Vec<usize>> = values.iter().map(|t| t.shape().to_vec()).collect();
+        let plan = self.plan(&shapes)?;
+        let outputs = plan
+            .run(values.into_iter().map(|t| t.into_tvalue()).collect())
+            .map_err(|e| anyhow!("{}: running the graph failed: {e:#}", self.path.display()))?;
+        outputs.into_iter().map(|v| self.to_array(v)).collect()
+    }
+
+    fn input_names(&self) -> String {
+        let names: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
+        names.join(", ")
+    }
+
+    fn to_tensor(&self, spec: &TensorSpec, input: Input) -> Result<Tensor> {
+        let input = if spec.rank() == Some(0) {
+            input.collapse_repeated()
+        } else {
+            input
+        };
+        let shape = self.fit_shape(spec, input.shape())?;
+        let tensor = match (spec.element, input) {
+            (ElementType::F32, Input::Float(a)) => a.into_tensor(),
+            (ElementType::F16, Input::Float(a)) => a.into_tensor().cast_to::<f16>()?.into_owned(),
+            (ElementType::I64, Input::Int(a)) => a.into_tensor(),
+            (ElementType::I32, Input::Int(a)) => a.mapv(|v| v as i32).into_tensor(),
+            // Matches numpy's float→int conversion that diffusers' ONNX pipelines use.
+            (ElementType::I64, Input::Float(a)) => a.mapv(|v| v as i64).into_tensor(),
+            (ElementType::I32, Input::Float(a)) => a.mapv(|v| v as i32).into_tensor(),
+            (ElementType::F32, Input::Int(a)) => a.mapv(|v| v as f32).into_tensor(),
+            (ElementType::F16, Input::Int(a)) => a
+                .mapv(|v| v as f32)
+                .into_tensor()
+                .cast_to::<f16>()?
+                .into_owned(),
+            (ElementType::Other, _) => bail!(
+                "{}: input '{}' has an element type edgegen cannot feed",
+                self.path.display(),
+                spec.name
+            ),
+        };
+        Ok(tensor.into_shape(&shape)?)
+    }
+
+    /// Reconciles a given shape with the declared rank: a one-element value
+    /// feeds a rank-0 input (optimum exports the timestep as a scalar).
+    fn fit_shape(&self, spec: &TensorSpec, given: &[usize]) -> Result<Vec<usize>> {
+        let Some(declared) = &spec.shape else {
+            return Ok(given.to_vec());
+        };
+        let count: usize = given.iter().product();
+        if declared.is_empty() && count == 1 {
+            return Ok(vec![]);
+        }
+        if declared.is_empty() {
+            bail!(
+                "{}: input '{}' is a scalar but {count} values were given",
+                self.path.display(),
+                spec.name
+            );
+        }
+        if declared.len() != given.len() {
+            bail!(
+                "{}: input '{}' has rank {} but a value of shape {given:?} was given",
+                self.path.display(),
+                spec.name,
+                declared.len()
+            );
+        }
+        for (axis, (d, g)) in declared.iter().zip(given).enumerate() {
+            if let Some(d) = d {
+                if d != g {
+                    bail!(
+                        "{}: input '{}' needs size {d} on axis {axis}, got {g} (shape {given:?})",
+                        self.path.display(),
+                        spec.name
+                    );
+                }
+            }
+        }
+        Ok(given.to_vec())
+    }
+
+    fn to_array(&self, value: TValue) -> Result<ArrayD<f32>> {
+        let tensor = value.into_tensor();
+        let tensor = if tensor.datum_type() == f32::datum_type() {
+            tensor
+        } else {
+            tensor.cast_to::<f32>()?.into_owned()
+        };
+        let view = tensor
+            .to_plain_array_view::<f32>()
+            .map_err(|e| anyhow!("{}: reading an output: {e:#}", self.path.display()))?;
+        Ok(view.to_owned())
+    }
+
+    /// The optimized plan for these exact input shapes, built on first use.
+    pub fn plan(&self, shapes: &[Vec<usize>]) -> Result<Plan> {
+        let mut plans = self
+            .plans
+            .lock()
+            .map_err(|_| anyhow!("plan cache poisoned"))?;
+        if let Some(plan) = plans.get(shapes) {
+            return Ok(plan.clone());
+        }
+        let started = std::time::Instant::now();
+        let plan = self.optimize(shapes)?;
+        log::info!(
+            "optimized {} for shapes {shapes:?} in {:.2?}",
+            self.path.display(),
+            started.elapsed()
+        );
+        plans.insert(shapes.to_vec(), plan.clone());
+        Ok(plan)
+    }
+
+    fn optimize(&self, shapes: &[Vec<usize>]) -> Result<Plan> {
+        let mut graph = self.graph.clone();
+        for (ix, (spec, shape)) in self.inputs.iter().zip(shapes).enumerate() {
+            let fact =
+                InferenceFact::dt_shape(datum_type(spec.element, &self.path)?, shape.clone());
+            graph.set_input_fact(ix, fact)?;
+        }
+        let context = || {
+            format!(
+                "{}: optimizing for input shapes {shapes:?}",
+                self.path.display()
+            )
+        };
+        let typed = graph
+            .into_typed()
+            .map_err(|e| anyhow!("{e:#}"))
+            .with_context(context)?;
+        let optimized = typed
+            .into_optimized()
+            .map_err(|e| anyhow!("{e:#}"))
+            .with_context(context)?;
+        let runnable = optimized
+            .into_runnable()
+            .map_err(|e| anyhow!("{e:#}"))
+            .with_context(context)?;
+        Ok(runnable)
+    }
+}
+
+fn datum_type(element: ElementType, path: &Path) -> Result<DatumType> {
+    Ok(match element {
+        ElementType::F32 => f32::datum_type(),
+        ElementType::F16 => f16::datum_type(),
+        ElementType::I32 => i32::datum_type(),
+        ElementType::I64 => i64::datum_type(),
+        ElementType::Other => bail!("{}: unsupported input element type", path.display()),
+    })
+}
+
+fn reject_unsupported_ops(path: &Path, graph: &InferenceModel) -> Result<()> {
+    for node in graph.nodes() {
+        let op_name = node.op.name();
+        if let Some(op) = op_name.strip_prefix("Unimplemented(") {
+            let op = op.trim_end_matches(')');
+            bail!(
+                "{}: node '{}' uses operator '{op}', which tract cannot run",
+                path.display(),
+                node.name
+            );
+        }
+    }
+    Ok(())
+}
+
+fn input_specs(path: &Path, graph: &InferenceModel) -> Result<Vec<TensorSpec>> {
+    let mut specs = Vec::new();
+    for (ix, outlet) in graph.input_outlets()?.iter().enumerate() {
+        let fact = graph.input_fact(ix)?;
+        let element = match fact.datum_type() {
+            Some(dt) if dt == f32::datum_type() => ElementType::F32,
+            Some(dt) if dt == f16::datum_type() => ElementType::F16,
+            Some(dt) if dt == i32::datum_type() => ElementType::I32,
+            Some(dt) if dt == i64::datum_type() => ElementType::I64,
+            _ => ElementType::Other,
+        };
+        let shape = (!fact.shape.is_open()).then(|| {
+            fact.shape
+                .dims()
+                .map(|d| d.concretize().and_then(|d| d.to_usize().ok()))
+                .collect::<Vec<_>>()
+        });
+        let name = graph.node(outlet.node).name.clone();
+        log::trace!("{}: input {name}", path.display());
+        specs.push(TensorSpec {
+            name,
+            element,
+            shape,
+        });
+    }
+    Ok(specs)
+}
+
+fn output_names(graph: &InferenceModel) -> Result<Vec<String>> {
+    Ok(graph
+        .output_outlets()?
+        .iter()
+        .map(|o| {
+            graph
+                .outlet_label(*o)
+                .map(str::to_string)
+                .unwrap_or_else(|| graph.node(o.node).name.clone())
+        })
+        .collect())
+}
+
+fn summarize(proto: &tract_onnx::pb::ModelProto) -> GraphSummary {
+    let mut summary = GraphSummary::default();
+    let Some(graph) = &proto.graph else {
+        return summary;
+    };
+    summary.node_count = graph.node.len();
+    for node in &graph.node {
+        if QUANTIZED_OPS.contains(&node.op_type.as_str()) {
+            *summary
+                .quantized_ops
+                .entry(node.op_type.clone())
+                .or_default() += 1;
+        }
+    }
+    for init in &graph.initializer {
+        let elements: i64 = init.dims.iter().product();
+        let name = match DataType::try_from(init.data_type) {
+            Ok(DataType::Float) => "float32",
+            Ok(DataType::Float16) => "float16",
+            Ok(DataType::Int8) => "int8",
+            Ok(DataType::Uint8) => "uint8",
+            Ok(DataType::Int32) => "int32",
+            Ok(DataType::Int64) => "int64",
+            _ => "other",
+        };
+        *summary.weight_types.entry(name.to_string()).or_default() += elements.max(0) as usize;
+    }
+    summary
+}
+
+/// Builds an `ArrayD` from a shape and data, with a readable error.
+pub fn array(shape: &[usize], data: Vec<f32>) -> Result<ArrayD<f32>> {
+    ArrayD::from_shape_vec(IxDyn(shape), data).context("tensor shape does not match its data")
+}
