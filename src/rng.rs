@@ -235,7 +235,7 @@ fn box_muller_block_avx2(block: &mut [f32]) {
 /// building PyTorch's AVX2 kernels; without them results drift by an ulp.
 #[allow(clippy::excessive_precision)] // literals copied digit for digit
 fn cephes_logf(x: f32) -> f32 {
-    const SQRTHF: f32 = 0.707106781186547524;
+    const SQRTHF: f32 = std::f32::consts::FRAC_1_SQRT_2; // cephes_SQRTHF
     const P: [f32; 9] = [
         7.0376836292E-2,
         -1.1514610310E-1,

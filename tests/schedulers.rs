@@ -25,11 +25,13 @@ const KARRAS_TIMESTEP_TOLERANCE: f64 = 1e-3;
 /// digits.
 const SIGMA_RELATIVE_TOLERANCE: f64 = 1e-6;
 /// Denoising runs repeat diffusers' float32 step arithmetic operation by
-/// operation, but torch's vectorised tanh/exp/log (in the stand-in model and
-/// the step coefficients) may differ from libm's by an ulp, and some final
-/// samples reach magnitudes of ~50 where one float32 ulp is ~4e-6; over 25
-/// steps these stay below 1e-4 absolute. A wrong coefficient, timestep or
-/// noise draw moves samples by 1e-2 or more.
+/// operation, but torch's vectorised kernels (tanh in the stand-in model,
+/// SIMD division) may round differently from libm by an ulp, and 25 steps
+/// amplify that; the largest difference seen is 3e-6 of max(1, |value|).
+/// So: 1e-4 absolute, scaled by the magnitude for the large values that
+/// cosine and zero-SNR schedules reach (up to ~1e4, where one float32 ulp is
+/// already 1e-3), since float32 rounding error is relative. A wrong
+/// coefficient, timestep or noise draw moves samples by 1e-2 relative or more.
 const SAMPLE_TOLERANCE: f32 = 1e-4;
 
 #[derive(Deserialize)]
@@ -186,15 +188,15 @@ fn denoising_runs_match_diffusers() {
         for (i, (a, e)) in sampled.iter().zip(&case.final_sample).enumerate() {
             let diff = (a - e).abs();
             assert!(
-                diff <= SAMPLE_TOLERANCE,
+                diff <= SAMPLE_TOLERANCE * e.abs().max(1.0),
                 "{}: final sample element {} is {a}, diffusers gives {e}",
                 case.name,
                 i * reference.sample_stride
             );
-            worst = worst.max(diff);
+            worst = worst.max(diff / e.abs().max(1.0));
         }
     }
-    eprintln!("worst final-sample difference: {worst:e}");
+    eprintln!("worst final-sample difference relative to max(1, |value|): {worst:e}");
 }
 
 #[test]

@@ -34,7 +34,9 @@ use crate::rng::TorchGenerator;
 ///
 /// The denoising loop calls, for `step_index` = 0, 1, … in order:
 /// `scale_model_input` on the UNet input, the UNet with
-/// `timesteps()[step_index]`, then `step` on its (guided) output.
+/// `timesteps()[step_index]`, then `step` on its (guided) output. A
+/// `step_index` outside `0..timesteps().len()`, or `step` arguments of
+/// different shapes, are programming errors and panic.
 pub trait Scheduler: Send {
     /// Timesteps as diffusers passes them to the UNet, in visiting order.
     /// Integral for most samplers; fractional for Euler with Karras sigmas,
