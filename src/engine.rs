@@ -14,6 +14,13 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod kernels;
+mod quant;
+
+pub use quant::F16Mode;
+
 /// Sets how many threads tract's matrix kernels use; 0 means every core.
 pub fn set_threads(threads: usize) {
     let threads = if threads == 0 {
@@ -171,6 +178,8 @@ pub struct OnnxModel {
     inputs: Vec<TensorSpec>,
     outputs: Vec<String>,
     summary: GraphSummary,
+    /// Float16 graph run as float32 (`F16Mode::Float32`).
+    upcast_f16: bool,
     plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
 }
 
@@ -183,15 +192,29 @@ impl fmt::Debug for OnnxModel {
 }
 
 impl OnnxModel {
+    /// Loads a graph; float16 graphs run as `F16Mode::from_env_or_cpu()` says.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, F16Mode::from_env_or_cpu())
+    }
+
+    pub fn load_with(path: &Path, f16_mode: F16Mode) -> Result<Self> {
         if !path.is_file() {
             bail!("{}: file not found", path.display());
         }
         let onnx = tract_onnx::onnx().with_ignore_value_info(true);
-        let proto = onnx
+        let mut proto = onnx
             .proto_model_for_path(path)
             .map_err(|e| anyhow!("{}: not a readable ONNX model: {e:#}", path.display()))?;
         let summary = summarize(&proto);
+        quant::check_supported(path, &proto)?;
+        let has_f16 = quant::has_f16(&proto);
+        if has_f16 {
+            let gemms = quant::rewrite_f16_gemms(&mut proto);
+            log::debug!(
+                "{}: float16 graph run as {f16_mode:?}; {gemms} Gemm nodes rewritten as MatMul + Add",
+                path.display()
+            );
+        }
         let dir = path.parent().and_then(|d| d.to_str());
         let parsed = onnx
             .parse(&proto, dir)
@@ -214,6 +237,7 @@ impl OnnxModel {
             inputs,
             outputs,
             summary,
+            upcast_f16: has_f16 && f16_mode == F16Mode::Float32,
             plans: Mutex::new(HashMap::new()),
         })
     }
@@ -299,6 +323,12 @@ impl OnnxModel {
                 spec.name
             ),
         };
+        // An upcast float16 graph takes float32 inputs.
+        let tensor = if self.upcast_f16 && tensor.datum_type() == f16::datum_type() {
+            tensor.cast_to::<f32>()?.into_owned()
+        } else {
+            tensor
+        };
         Ok(tensor.into_shape(&shape)?)
     }
 
@@ -365,6 +395,7 @@ impl OnnxModel {
         }
         let started = std::time::Instant::now();
         let plan = self.optimize(shapes)?;
+        kernels::note_plan(&self.path, &plan);
         log::info!(
             "optimized {} for shapes {shapes:?} in {:.2?}",
             self.path.display(),
@@ -387,10 +418,21 @@ impl OnnxModel {
                 self.path.display()
             )
         };
-        let typed = graph
+        let mut typed = graph
             .into_typed()
             .map_err(|e| anyhow!("{e:#}"))
             .with_context(context)?;
+        if self.upcast_f16 {
+            quant::upcast_f16(&mut typed)
+                .map_err(|e| anyhow!("{e:#}"))
+                .with_context(|| {
+                    format!("{}: converting float16 to float32", self.path.display())
+                })?;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(plan) = cuda::prepare(&typed).with_context(context)? {
+            return Ok(plan);
+        }
         let optimized = typed
             .into_optimized()
             .map_err(|e| anyhow!("{e:#}"))

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use edgegen::commands;
+use edgegen::mqtt::requester::{self, Refused, RequestOptions};
 use edgegen::request::{FieldError, Request};
 
 #[derive(Parser)]
@@ -23,6 +24,21 @@ struct Cli {
 enum Command {
     /// Generate pictures from a prompt and write them as PNG files.
     Generate(GenerateArgs),
+    /// Time each component of a generation (median of several runs after a warm-up).
+    Bench(BenchArgs),
+    /// Run the daemon: take requests over MQTT, generate, store and answer.
+    Serve,
+    /// Send one request to a running daemon, show its progress, save the picture.
+    Request(RequestArgs),
+    /// Show the CPU features detected and the kernels tract selects on this machine.
+    Doctor {
+        /// Model to run once (one step, nothing written); default: models.default.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only report the CPU and kernel preferences; run no model.
+        #[arg(long)]
+        skip_model: bool,
+    },
     /// List or inspect installed model bundles.
     Models {
         #[command(subcommand)]
@@ -36,6 +52,57 @@ enum ModelsCommand {
     List,
     /// Components, inputs, weight formats and defaults of one bundle.
     Inspect { id: String },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long)]
+    model: Option<String>,
+    /// Threads for tract's kernels (default: engine.threads).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    width: Option<u32>,
+    #[arg(long)]
+    height: Option<u32>,
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Timed runs after the warm-up.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+}
+
+#[derive(Args)]
+struct RequestArgs {
+    #[command(flatten)]
+    generate: GenerateArgs,
+    /// Job id (letters, digits, '_' and '-'; at most 64); default: a new one.
+    #[arg(long)]
+    id: Option<String>,
+    /// Broker URL, e.g. mqtt://host:1883 (default: the configured broker).
+    #[arg(long)]
+    broker: Option<String>,
+    /// Node id of the daemon (default: mqtt.node_id, else this host's name).
+    #[arg(long)]
+    node: Option<String>,
+    /// Seconds to wait for the result.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+impl RequestArgs {
+    fn into_options(self) -> RequestOptions {
+        let output = self.generate.output.clone();
+        let mut request = self.generate.into_request();
+        request.id = self.id;
+        RequestOptions {
+            request,
+            broker: self.broker,
+            node: self.node,
+            output,
+            timeout: std::time::Duration::from_secs(self.timeout),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -101,6 +168,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", image.path.display());
             }
         }
+        Command::Serve => edgegen::daemon::serve(config)?,
+        Command::Request(args) => {
+            let answer = requester::run(&config, args.into_options())?;
+            match (&answer.saved, &answer.result.path) {
+                (Some(saved), _) => println!("{}", saved.display()),
+                (None, Some(stored)) => println!("{stored}"),
+                (None, None) => {}
+            }
+        }
+        Command::Doctor { model, skip_model } => {
+            let options = edgegen::doctor::DoctorOptions {
+                model: model.as_deref(),
+                skip_model,
+            };
+            print!("{}", edgegen::doctor::report(&config, &options)?)
+        }
+        Command::Bench(args) => {
+            let mut config = config;
+            if let Some(threads) = args.threads {
+                config.engine.threads = threads;
+            }
+            let spec = edgegen::bench::BenchSpec {
+                request: Request {
+                    prompt: Some("a red apple on a tree".into()),
+                    model: args.model,
+                    width: args.width,
+                    height: args.height,
+                    steps: args.steps,
+                    ..Request::default()
+                },
+                runs: args.runs,
+            };
+            print!("{}", edgegen::bench::run(&config, &spec)?.table());
+        }
         Command::Models {
             command: ModelsCommand::List,
         } => print!("{}", commands::models_list(&config)?),
@@ -114,13 +215,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("EDGEGEN_LOG", "info")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::new().filter_or("EDGEGEN_LOG", "info,rumqttd=off"),
+    )
+    .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            if err.downcast_ref::<FieldError>().is_some() {
+            let refused = err
+                .downcast_ref::<Refused>()
+                .is_some_and(Refused::is_usage_error);
+            if err.downcast_ref::<FieldError>().is_some() || refused {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)

@@ -19,7 +19,10 @@ pub struct Policy {
 
 impl Policy {
     pub fn from_config(storage: &crate::config::StorageConfig) -> Self {
-        Policy { max_bytes: storage.max_bytes, max_age_days: storage.max_age_days }
+        Policy {
+            max_bytes: storage.max_bytes,
+            max_age_days: storage.max_age_days,
+        }
     }
 
     pub fn is_unlimited(&self) -> bool {
@@ -44,7 +47,12 @@ struct Entry {
 
 /// Deletes the oldest results until both limits hold. Results whose files are
 /// in `keep` (the one just written) are never deleted.
-pub fn enforce(output_dir: &Path, policy: Policy, keep: &[PathBuf], now: SystemTime) -> Result<Removed> {
+pub fn enforce(
+    output_dir: &Path,
+    policy: Policy,
+    keep: &[PathBuf],
+    now: SystemTime,
+) -> Result<Removed> {
     if policy.is_unlimited() {
         return Ok(Removed::default());
     }
@@ -88,8 +96,14 @@ fn collect(output_dir: &Path) -> Result<Vec<Entry>> {
         for file in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let file = file.with_context(|| format!("reading {}", dir.display()))?;
             let path = file.path();
-            let is_result = matches!(path.extension().and_then(|e| e.to_str()), Some("png" | "json"));
-            let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            let is_result = matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("png" | "json")
+            );
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
             if !is_result || hidden {
                 continue;
             }
@@ -130,7 +144,9 @@ fn is_date_name(name: &str) -> bool {
     b.len() == 10
         && b[4] == b'-'
         && b[7] == b'-'
-        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
 }
 
 fn date_dirs(output_dir: &Path) -> Result<Vec<PathBuf>> {
@@ -151,7 +167,9 @@ fn date_dirs(output_dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn remove_empty_date_dirs(output_dir: &Path) -> Result<()> {
     for dir in date_dirs(output_dir)? {
-        let empty = fs::read_dir(&dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let empty = fs::read_dir(&dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         if empty {
             // Another writer may have just created a file in it: then this fails, which is fine.
             let _ = fs::remove_dir(&dir);
@@ -165,7 +183,10 @@ fn remove_empty_date_dirs(output_dir: &Path) -> Result<()> {
 pub fn sweep_temporaries(output_dir: &Path) -> Result<usize> {
     let mut removed = 0;
     for dir in date_dirs(output_dir)? {
-        for file in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        for file in fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .flatten()
+        {
             let name = file.file_name();
             let Some(name) = name.to_str() else { continue };
             if !(name.starts_with('.') && name.ends_with(".tmp")) || writer_is_alive(name) {
@@ -178,7 +199,9 @@ pub fn sweep_temporaries(output_dir: &Path) -> Result<usize> {
                     removed += 1;
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => return Err(err).with_context(|| format!("removing {}", path.display())),
+                Err(err) => {
+                    return Err(err).with_context(|| format!("removing {}", path.display()))
+                }
             }
         }
     }
@@ -206,7 +229,12 @@ mod tests {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(path, vec![0u8; bytes]).unwrap();
         let when = SystemTime::now() - Duration::from_secs(age_days * 86_400);
-        fs::File::options().write(true).open(path).unwrap().set_modified(when).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
     }
 
     #[test]
@@ -214,12 +242,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path();
         for (stem, age) in [("old", 3), ("mid", 2), ("new", 1)] {
-            write(&out.join("2026-01-01").join(format!("{stem}.png")), 100, age);
-            write(&out.join("2026-01-01").join(format!("{stem}.json")), 10, age);
+            write(
+                &out.join("2026-01-01").join(format!("{stem}.png")),
+                100,
+                age,
+            );
+            write(
+                &out.join("2026-01-01").join(format!("{stem}.json")),
+                10,
+                age,
+            );
         }
-        let policy = Policy { max_bytes: 230, max_age_days: 0 };
+        let policy = Policy {
+            max_bytes: 230,
+            max_age_days: 0,
+        };
         let removed = enforce(out, policy, &[], SystemTime::now()).unwrap();
-        assert_eq!(removed, Removed { pictures: 1, bytes: 110 });
+        assert_eq!(
+            removed,
+            Removed {
+                pictures: 1,
+                bytes: 110
+            }
+        );
         assert!(!out.join("2026-01-01/old.png").exists());
         assert!(!out.join("2026-01-01/old.json").exists());
         assert!(out.join("2026-01-01/mid.png").exists());
@@ -234,12 +279,27 @@ mod tests {
         write(&out.join("2026-01-03/c.png"), 5, 0);
         write(&out.join("notes/keep.png"), 5, 100);
         let keep = vec![out.join("2026-01-02/b.png")];
-        let removed = enforce(out, Policy { max_bytes: 0, max_age_days: 7 }, &keep, SystemTime::now()).unwrap();
+        let removed = enforce(
+            out,
+            Policy {
+                max_bytes: 0,
+                max_age_days: 7,
+            },
+            &keep,
+            SystemTime::now(),
+        )
+        .unwrap();
         assert_eq!(removed.pictures, 1);
-        assert!(!out.join("2026-01-01").exists(), "empty date folders go too");
+        assert!(
+            !out.join("2026-01-01").exists(),
+            "empty date folders go too"
+        );
         assert!(out.join("2026-01-02/b.png").exists());
         assert!(out.join("2026-01-03/c.png").exists());
-        assert!(out.join("notes/keep.png").exists(), "only date folders are managed");
+        assert!(
+            out.join("notes/keep.png").exists(),
+            "only date folders are managed"
+        );
     }
 
     #[test]
@@ -249,7 +309,11 @@ mod tests {
         fs::create_dir_all(&day).unwrap();
         // pid 0 is never a user process; our own pid is "dead" from this sweep's view.
         fs::write(day.join(".a.png.0-1.tmp"), b"x").unwrap();
-        fs::write(day.join(format!(".b.png.{}-2.tmp", std::process::id())), b"x").unwrap();
+        fs::write(
+            day.join(format!(".b.png.{}-2.tmp", std::process::id())),
+            b"x",
+        )
+        .unwrap();
         fs::write(day.join("c.png"), b"x").unwrap();
         assert_eq!(sweep_temporaries(dir.path()).unwrap(), 2);
         assert!(day.join("c.png").exists());

@@ -33,12 +33,15 @@ impl Spool {
     /// returns the spooled jobs in arrival order. Files that do not parse are
     /// renamed to `*.bad` with a warning, so one corrupt file cannot stop the daemon.
     pub fn open<T: DeserializeOwned>(dir: &Path) -> Result<(Spool, Vec<Spooled<T>>)> {
-        fs::create_dir_all(dir).with_context(|| format!("creating spool directory {}", dir.display()))?;
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating spool directory {}", dir.display()))?;
         let mut jobs = Vec::new();
         let mut max_seq = 0;
-        let entries = fs::read_dir(dir).with_context(|| format!("reading spool directory {}", dir.display()))?;
+        let entries = fs::read_dir(dir)
+            .with_context(|| format!("reading spool directory {}", dir.display()))?;
         for entry in entries {
-            let entry = entry.with_context(|| format!("reading spool directory {}", dir.display()))?;
+            let entry =
+                entry.with_context(|| format!("reading spool directory {}", dir.display()))?;
             let path = entry.path();
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
@@ -55,14 +58,24 @@ impl Spool {
             match read_job(&path) {
                 Ok(job) => jobs.push(Spooled { seq, path, job }),
                 Err(err) => {
-                    log::warn!("spool file {} is unreadable ({err:#}); moving it aside", path.display());
+                    log::warn!(
+                        "spool file {} is unreadable ({err:#}); moving it aside",
+                        path.display()
+                    );
                     let aside = path.with_extension("bad");
-                    fs::rename(&path, &aside).with_context(|| format!("renaming {}", path.display()))?;
+                    fs::rename(&path, &aside)
+                        .with_context(|| format!("renaming {}", path.display()))?;
                 }
             }
         }
         jobs.sort_by_key(|j| j.seq);
-        Ok((Spool { dir: dir.to_path_buf(), next_seq: max_seq + 1 }, jobs))
+        Ok((
+            Spool {
+                dir: dir.to_path_buf(),
+                next_seq: max_seq + 1,
+            },
+            jobs,
+        ))
     }
 
     pub fn dir(&self) -> &Path {
@@ -75,14 +88,16 @@ impl Spool {
         let seq = self.next_seq;
         let path = self.dir.join(format!("{seq:016}-{key}.json"));
         let bytes = serde_json::to_vec_pretty(job).context("encoding spool entry")?;
-        write_atomic(&path, &bytes).with_context(|| format!("writing spool file {}", path.display()))?;
+        write_atomic(&path, &bytes)
+            .with_context(|| format!("writing spool file {}", path.display()))?;
         self.next_seq += 1;
         Ok(path)
     }
 
     /// Removes a finished job; a file that is already gone is fine.
     pub fn remove(&self, path: &Path) -> Result<()> {
-        remove_if_exists(path).with_context(|| format!("removing spool file {}", path.display()))?;
+        remove_if_exists(path)
+            .with_context(|| format!("removing spool file {}", path.display()))?;
         // The directory entry must be durable too, or a crash could resurrect the job.
         fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -127,7 +142,10 @@ mod tests {
         let (mut spool, found) = Spool::open::<Job>(dir.path()).unwrap();
         assert!(found.is_empty());
         // Ids sort the other way round to show that order comes from the sequence.
-        let paths: Vec<_> = ["zz", "mm", "aa"].iter().map(|id| spool.add(id, &job(id)).unwrap()).collect();
+        let paths: Vec<_> = ["zz", "mm", "aa"]
+            .iter()
+            .map(|id| spool.add(id, &job(id)).unwrap())
+            .collect();
         spool.remove(&paths[1]).unwrap();
         let (mut reopened, found) = Spool::open::<Job>(dir.path()).unwrap();
         let ids: Vec<_> = found.iter().map(|s| s.job.id.as_str()).collect();

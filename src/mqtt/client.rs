@@ -5,7 +5,7 @@
 //! MQTT 5 (rumqttc's `v5` module) because requests may carry a Response Topic
 //! and Correlation Data, which MQTT 3.1.1 cannot express.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,6 +15,8 @@ use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, Transport};
 use tokio::sync::mpsc;
 
+use super::relay::Relay;
+
 /// Where a broker is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
@@ -23,14 +25,21 @@ pub struct Endpoint {
     pub tls: bool,
 }
 
+impl Endpoint {
+    /// `host:port`, with brackets around an IPv6 address.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
-        }
+        write!(f, "{scheme}://{}", self.authority())
     }
 }
 
@@ -40,7 +49,9 @@ pub fn parse_broker_url(url: &str) -> Result<Endpoint> {
     let (tls, rest) = match url.split_once("://") {
         Some(("mqtt" | "tcp", rest)) => (false, rest),
         Some(("mqtts" | "ssl", rest)) => (true, rest),
-        Some((scheme, _)) => bail!("broker URL '{url}': unknown scheme '{scheme}' (use mqtt:// or mqtts://)"),
+        Some((scheme, _)) => {
+            bail!("broker URL '{url}': unknown scheme '{scheme}' (use mqtt:// or mqtts://)")
+        }
         None => (false, url),
     };
     let rest = rest.trim_end_matches('/');
@@ -68,7 +79,8 @@ pub fn parse_broker_url(url: &str) -> Result<Endpoint> {
 }
 
 fn parse_port(url: &str, port: &str) -> Result<u16> {
-    port.parse().map_err(|_| anyhow!("broker URL '{url}': port '{port}' is not a number from 0 to 65535"))
+    port.parse()
+        .map_err(|_| anyhow!("broker URL '{url}': port '{port}' is not a number from 0 to 65535"))
 }
 
 /// Everything needed to open a connection.
@@ -87,6 +99,8 @@ pub struct ConnectSettings {
     /// Largest packet we accept; the broker drops larger ones for us.
     pub max_incoming_packet: u32,
     pub keep_alive: Duration,
+    /// Unix socket for a relay that sets `TCP_NODELAY` (plain TCP brokers only).
+    pub relay_socket: Option<PathBuf>,
 }
 
 impl ConnectSettings {
@@ -102,6 +116,7 @@ impl ConnectSettings {
             last_will: None,
             max_incoming_packet: 16 << 20,
             keep_alive: Duration::from_secs(30),
+            relay_socket: None,
         }
     }
 
@@ -122,10 +137,22 @@ impl ConnectSettings {
     }
 
     pub fn options(&self) -> Result<MqttOptions> {
+        self.options_to(None)
+    }
+
+    /// Options for connecting straight to the broker, or to a relay's Unix socket.
+    fn options_to(&self, relay: Option<&Path>) -> Result<MqttOptions> {
         if self.client_id.is_empty() {
             bail!("MQTT client id is empty");
         }
-        let mut options = MqttOptions::new(&self.client_id, &self.endpoint.host, self.endpoint.port);
+        let mut options = match relay {
+            Some(path) => {
+                let mut options = MqttOptions::new(&self.client_id, path.to_string_lossy(), 0);
+                options.set_transport(Transport::Unix);
+                options
+            }
+            None => MqttOptions::new(&self.client_id, &self.endpoint.host, self.endpoint.port),
+        };
         options.set_keep_alive(self.keep_alive);
         options.set_clean_start(!self.persistent);
         options.set_manual_acks(self.manual_acks);
@@ -140,9 +167,15 @@ impl ConnectSettings {
             options.set_credentials(user, self.password.clone().unwrap_or_default());
         }
         if let Some((topic, payload)) = &self.last_will {
-            options.set_last_will(LastWill::new(topic, payload.clone(), QoS::AtLeastOnce, true, None));
+            options.set_last_will(LastWill::new(
+                topic,
+                payload.clone(),
+                QoS::AtLeastOnce,
+                true,
+                None,
+            ));
         }
-        if self.endpoint.tls {
+        if self.endpoint.tls && relay.is_none() {
             options.set_transport(match &self.ca_file {
                 Some(path) => {
                     let ca = std::fs::read(path)
@@ -152,7 +185,9 @@ impl ConnectSettings {
                 None => Transport::tls_with_default_config(),
             });
         } else if self.ca_file.is_some() {
-            log::warn!("mqtt.ca_file is set but the broker URL is not mqtts://; connecting without TLS");
+            log::warn!(
+                "mqtt.ca_file is set but the broker URL is not mqtts://; connecting without TLS"
+            );
         }
         Ok(options)
     }
@@ -174,6 +209,8 @@ pub enum ClientEvent {
         max_packet: Option<u32>,
     },
     Disconnected(String),
+    /// A SUBACK: a subscription is in place.
+    Subscribed,
     Publish(Publish),
 }
 
@@ -186,7 +223,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { min: Duration::from_millis(100), max: Duration::from_secs(5) }
+        Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        }
     }
 }
 
@@ -195,12 +235,38 @@ pub fn connect(
     settings: &ConnectSettings,
     channel_capacity: usize,
     backoff: Backoff,
-) -> Result<(AsyncClient, mpsc::UnboundedReceiver<ClientEvent>, tokio::task::JoinHandle<()>)> {
-    let (client, eventloop) = AsyncClient::new(settings.options()?, channel_capacity);
+) -> Result<(
+    AsyncClient,
+    mpsc::UnboundedReceiver<ClientEvent>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let relay = start_relay(settings);
+    let options = settings.options_to(relay.as_ref().map(Relay::path))?;
+    let (client, eventloop) = AsyncClient::new(options, channel_capacity);
     let (tx, rx) = mpsc::unbounded_channel();
     let endpoint = settings.endpoint.to_string();
-    let task = tokio::spawn(drive(eventloop, tx, backoff, endpoint));
+    let task = tokio::spawn(async move {
+        // The relay lives exactly as long as the connection task.
+        let _relay = relay;
+        drive(eventloop, tx, backoff, endpoint).await
+    });
     Ok((client, rx, task))
+}
+
+/// The relay for plain TCP connections when a socket path is configured;
+/// without it (TLS, or it cannot start) the client connects directly.
+fn start_relay(settings: &ConnectSettings) -> Option<Relay> {
+    let path = settings
+        .relay_socket
+        .as_ref()
+        .filter(|_| !settings.endpoint.tls)?;
+    match Relay::start(path, settings.endpoint.authority()) {
+        Ok(relay) => Some(relay),
+        Err(err) => {
+            log::warn!("connecting to the broker directly (no TCP_NODELAY relay: {err:#})");
+            None
+        }
+    }
 }
 
 /// Polls the event loop until we disconnect on purpose or nobody listens any more.
@@ -217,11 +283,18 @@ async fn drive(
         let event = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 delay = backoff.min;
-                log::info!("connected to MQTT broker {endpoint} (session present: {})", ack.session_present);
+                log::debug!(
+                    "connected to MQTT broker {endpoint} (session present: {})",
+                    ack.session_present
+                );
                 let max_packet = ack.properties.as_ref().and_then(|p| p.max_packet_size);
-                ClientEvent::Connected { session_present: ack.session_present, max_packet }
+                ClientEvent::Connected {
+                    session_present: ack.session_present,
+                    max_packet,
+                }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => ClientEvent::Publish(publish),
+            Ok(Event::Incoming(Packet::SubAck(_))) => ClientEvent::Subscribed,
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 log::debug!("disconnected from {endpoint} on request");
                 return;
@@ -264,7 +337,14 @@ mod tests {
     #[test]
     fn broker_urls() {
         let e = parse_broker_url("mqtt://broker.local:1884").unwrap();
-        assert_eq!(e, Endpoint { host: "broker.local".into(), port: 1884, tls: false });
+        assert_eq!(
+            e,
+            Endpoint {
+                host: "broker.local".into(),
+                port: 1884,
+                tls: false
+            }
+        );
         assert_eq!(parse_broker_url("mqtts://h").unwrap().port, 8883);
         assert_eq!(parse_broker_url("mqtt://h").unwrap().port, 1883);
         assert_eq!(parse_broker_url("127.0.0.1:1999").unwrap().port, 1999);

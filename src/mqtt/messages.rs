@@ -63,7 +63,11 @@ pub struct ErrorBody {
 
 impl ErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorBody { code, message: message.into(), field: None }
+        ErrorBody {
+            code,
+            message: message.into(),
+            field: None,
+        }
     }
 
     pub fn invalid_field(field: &str, reason: impl fmt::Display) -> Self {
@@ -96,6 +100,9 @@ pub struct ResultTimings {
     pub generator_ms: Option<f64>,
     /// Generation (all components).
     pub total_ms: f64,
+    /// From receipt of the request to its acceptance (checks, spool write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intake_ms: Option<f64>,
     /// From acceptance to the start of generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_ms: Option<f64>,
@@ -112,6 +119,7 @@ impl From<&crate::pipeline::Timings> for ResultTimings {
             vae_decoder_ms: t.vae_decoder_ms,
             generator_ms: t.generator_ms,
             total_ms: t.total_ms,
+            intake_ms: None,
             queue_ms: None,
             store_ms: None,
         }
@@ -155,8 +163,17 @@ pub struct JobResult {
 
 impl JobResult {
     pub fn failed(id: &str, error: ErrorBody) -> Self {
-        let state = if error.code == ErrorCode::Cancelled { JobState::Cancelled } else { JobState::Failed };
-        JobResult { id: id.to_string(), state: Some(state), error: Some(error), ..JobResult::default() }
+        let state = if error.code == ErrorCode::Cancelled {
+            JobState::Cancelled
+        } else {
+            JobState::Failed
+        };
+        JobResult {
+            id: id.to_string(),
+            state: Some(state),
+            error: Some(error),
+            ..JobResult::default()
+        }
     }
 }
 
@@ -240,7 +257,10 @@ mod tests {
 
     #[test]
     fn error_result_shape() {
-        let r = JobResult::failed("j1", ErrorBody::invalid_field("steps", "0 is not between 1 and 50"));
+        let r = JobResult::failed(
+            "j1",
+            ErrorBody::invalid_field("steps", "0 is not between 1 and 50"),
+        );
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(
             v,
@@ -261,7 +281,13 @@ mod tests {
 
     #[test]
     fn status_shape() {
-        let s = Status { id: "a".into(), state: JobState::Running, step: 2, steps: 4, queue_position: 0 };
+        let s = Status {
+            id: "a".into(),
+            state: JobState::Running,
+            step: 2,
+            steps: 4,
+            queue_position: 0,
+        };
         assert_eq!(
             serde_json::to_value(&s).unwrap(),
             serde_json::json!({"id": "a", "state": "running", "step": 2, "steps": 4, "queue_position": 0})

@@ -24,7 +24,10 @@ impl Topics {
     pub fn new(prefix: &str, node: &str) -> Result<Topics> {
         check_level("mqtt.prefix", prefix)?;
         check_level("mqtt.node_id", node)?;
-        Ok(Topics { prefix: prefix.to_string(), node: node.to_string() })
+        Ok(Topics {
+            prefix: prefix.to_string(),
+            node: node.to_string(),
+        })
     }
 
     pub fn prefix(&self) -> &str {
@@ -116,7 +119,13 @@ fn check_level(key: &str, value: &str) -> Result<()> {
 pub fn sanitize_node_id(name: &str) -> String {
     let cleaned: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     if cleaned.is_empty() {
         "edgegen".to_string()
@@ -139,7 +148,10 @@ pub fn check_reply_topic(topic: &str) -> Result<(), String> {
         return Err("is empty".into());
     }
     if topic.len() > 1024 {
-        return Err(format!("is {} bytes long, at most 1024 allowed", topic.len()));
+        return Err(format!(
+            "is {} bytes long, at most 1024 allowed",
+            topic.len()
+        ));
     }
     if topic.contains(['+', '#', '\0']) {
         return Err("must be a topic name without wildcards ('+', '#')".into());
@@ -166,7 +178,10 @@ mod tests {
         assert_eq!(t.availability(), "edgegen/kiosk1/availability");
         assert_eq!(t.stats(), "edgegen/kiosk1/stats");
         assert_eq!(t.models(), "edgegen/kiosk1/models");
-        assert_eq!(t.shared_request("edgegen"), "$share/edgegen/edgegen/request");
+        assert_eq!(
+            t.shared_request("edgegen"),
+            "$share/edgegen/edgegen/request"
+        );
         assert_eq!(t.classify("edgegen/request"), Inbound::Request);
         assert_eq!(t.classify("edgegen/kiosk1/cancel"), Inbound::Cancel);
         assert_eq!(t.classify("edgegen/other/request"), Inbound::Other);

@@ -49,7 +49,7 @@ pub struct Timings {
     pub total_ms: f64,
 }
 
-pub(crate) fn millis(d: Duration) -> f64 {
+pub fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 

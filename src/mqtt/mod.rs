@@ -1,0 +1,8 @@
+//! The MQTT interface: topic layout, message types, the connection, and the
+//! `edgegen request` client.
+
+pub mod client;
+pub mod messages;
+pub mod relay;
+pub mod requester;
+pub mod topics;

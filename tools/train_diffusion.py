@@ -1,0 +1,437 @@
+"""Train the small SD-shaped text-to-image model of the scene world and export it as a diffusion bundle.
+
+Shape (Stable Diffusion's, scaled down): CLIP text encoder (tools/fixtures/bundle_io.build_text_encoder:
+2 layers, width 32, the 1000-token scene tokenizer) -> UNet2DConditionModel with cross-attention ->
+"VAE" decoder -> 64x64 RGB. The latent space is pixel space folded 4x4 into channels (space-to-depth:
+a 64x64x3 picture is a 16x16x48 latent; the decoder is the exact inverse, depth-to-space, plus the
+shift/scale below), so no autoencoder has to be trained first and nothing is lost in decoding.
+The bundle's vae_decoder/config.json says block_out_channels of length 3 (4x upsampling) and
+latent_channels 48, which is all a pipeline needs to size the latents.
+
+Training: v-prediction on Stable Diffusion's betas (scaled_linear 0.00085 -> 0.012, 1000 steps),
+min-SNR-5 loss weights, 10% empty captions (for classifier-free guidance), AdamW, EMA of the weights.
+Data: captions and pictures from tools/scenes.py, split "train" (no held-out combination), example
+number n of a seeded stream, so resuming replays the same data.
+
+CPU, one thread, seeded; checkpoints every few minutes to <run>/ckpt.pt; resumes from it:
+
+    nohup /work/venv/bin/python tools/train_diffusion.py train --run /work/train/diffusion --steps 20000 &
+    /work/venv/bin/python tools/train_diffusion.py export --run /work/train/diffusion --out models/scenes-sd
+    /work/venv/bin/python tools/train_diffusion.py eval --run /work/train/diffusion   # checker, 1/2/4/8 steps
+    /work/venv/bin/python tools/train_diffusion.py slim --run /work/train/diffusion --out tools/checkpoints/diffusion.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import numpy as np
+import torch
+from torch import nn
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+sys.path.insert(0, str(TOOLS))
+sys.path.insert(0, str(TOOLS / "fixtures"))
+import bundle_io as io  # noqa: E402
+import scenes  # noqa: E402
+
+from diffusers import EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
+
+SIZE = 64
+FOLD = 4  # space-to-depth factor: latents are [48, 16, 16]
+LATENT_CHANNELS = 3 * FOLD * FOLD
+# Pixels in [-1, 1] have mean ~0.76 and std ~0.33 over the training pictures (mostly light background):
+# latents are (pixels - SHIFT) * SCALE, so they are roughly centred with unit variance.
+SHIFT = 0.76
+SCALE = 3.0
+SEED = 11
+TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "tokenizer"
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+SAMPLE_CAPTIONS = [
+    "a red apple on a green tree", "a blue car left of an orange house", "two yellow suns", "a purple ball",
+    "a green cloud above a red flower", "three orange balls", "a yellow house below a blue cloud",
+    "a red car next to a purple tree",
+]
+
+
+def build_unet() -> UNet2DConditionModel:
+    torch.manual_seed(SEED)
+    return UNet2DConditionModel(
+        sample_size=SIZE // FOLD,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(48, 96),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def fold(pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 64, 64] in [-1, 1] -> latents [B, 48, 16, 16]."""
+    return nn.functional.pixel_unshuffle((pixels - SHIFT) * SCALE, FOLD)
+
+
+class Unfold(nn.Module):
+    """The bundle's VAE decoder: latents [B, 48, h, w] -> pixels [B, 3, 4h, 4w] in [-1, 1] (nominally).
+
+    diffusers-style pipelines call it with latents / scaling_factor + shift_factor; the config sets
+    scaling_factor = SCALE and shift_factor = SHIFT, so it only has to rearrange."""
+
+    def forward(self, latent_sample):
+        b, c, h, w = latent_sample.shape
+        x = latent_sample.reshape(b, 3, FOLD, FOLD, h, w).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(b, 3, h * FOLD, w * FOLD)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(SD_BETAS["beta_start"] ** 0.5, SD_BETAS["beta_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+class Tokens:
+    def __init__(self):
+        self.tok = io.load_tokenizer(TOKENIZER_DIR)
+        self.cache: dict[str, list[int]] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for t in texts:
+            if t not in self.cache:
+                self.cache[t] = io.tokenize(self.tok, t)
+            out.append(self.cache[t])
+        return torch.tensor(out, dtype=torch.int64)
+
+
+def batch_at(step: int, batch: int) -> tuple[torch.Tensor, list[str]]:
+    pics, texts = [], []
+    for i in range(batch):
+        img, text = scenes.training_example(step * batch + i, seed=SEED)
+        pics.append(img)
+        texts.append(text)
+    x = torch.from_numpy(np.stack(pics)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, texts
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_models(run: Path, ema: bool = True):
+    unet, te = build_unet(), io.build_text_encoder()
+    state = torch.load(run / "ckpt.pt", weights_only=False)
+    unet.load_state_dict(state["ema_unet" if ema else "unet"])
+    te.load_state_dict(state["ema_te" if ema else "te"])
+    return unet.eval(), te.eval(), state
+
+
+def train(args) -> None:
+    torch.set_num_threads(1)
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    unet, te = build_unet(), io.build_text_encoder()
+    te.train()
+    unet.train()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    step, wall = 0, 0.0
+    ckpt = run / "ckpt.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        te.load_state_dict(state["te"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_te.load_state_dict(state["ema_te"])
+        if "opt" in state:  # a slim checkpoint (see `slim`) restarts the optimizer from its defaults
+            opt.load_state_dict(state["opt"])
+        step, wall = state["step"], state["wall_seconds"]
+        print(f"resumed at step {step} ({wall / 60:.1f} min of training so far)", flush=True)
+    tokens = Tokens()
+    empty = tokens([""])[0]
+    ac = alphas_cumprod()
+    log = open(run / "log.txt", "a")
+    started = time.monotonic() - wall
+    last_save = time.monotonic()
+    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_te.parameters()), params))
+    while step < args.steps:
+        g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
+        pixels, texts = batch_at(step, args.batch)
+        ids = tokens(texts)
+        drop = torch.rand(args.batch, generator=g) < 0.1
+        ids[drop] = empty
+        x0 = fold(pixels)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (args.batch,), generator=g)
+        a = ac[t].reshape(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
+        snr = a / (1 - a)
+        weight = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)  # min-SNR-5 for v-prediction
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 200)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            cond = te(input_ids=ids).last_hidden_state
+            pred = unet(xt, t, encoder_hidden_states=cond, return_dict=False)[0]
+        loss = (weight * (pred.float() - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for pe, p in ema_pairs:
+                pe.mul_(decay).add_(p, alpha=1 - decay)
+        step += 1
+        if step % 25 == 0:
+            line = f"step {step} loss {loss.item():.4f} wall {(time.monotonic() - started) / 60:.1f} min"
+            print(line, flush=True)
+            log.write(line + "\n")
+            log.flush()
+        if time.monotonic() - last_save > args.save_seconds or step == args.steps:
+            wall = time.monotonic() - started
+            save_checkpoint(ckpt, {"unet": unet.state_dict(), "te": te.state_dict(),
+                                   "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(),
+                                   "opt": opt.state_dict(), "step": step, "wall_seconds": wall})
+            last_save = time.monotonic()
+        if step % args.sample_every == 0:
+            grid = sample(ema_unet, ema_te, tokens, SAMPLE_CAPTIONS, steps=4, guidance=3.0, seed=0)
+            save_grid(grid, run / f"samples_{step:06d}.png")
+
+
+# ---------------------------------------------------------------------------
+# Sampling (diffusers' Euler scheduler, as the bundle's scheduler_config.json describes it)
+
+
+def scheduler_config() -> dict:
+    return dict(SD_BETAS, prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1,
+                interpolation_type="linear", use_karras_sigmas=False)
+
+
+@torch.no_grad()
+def sample(unet, te, tokens, texts: list[str], steps: int, guidance: float, seed: int) -> np.ndarray:
+    """Pictures [N, 64, 64, 3] uint8, one per caption; caption i uses seed + i (as a batch-1 request would)."""
+    sched = EulerDiscreteScheduler(**scheduler_config())
+    cond = te(input_ids=tokens(texts)).last_hidden_state
+    uncond = te(input_ids=tokens([""])).last_hidden_state.expand_as(cond)
+    lat = torch.cat([torch.randn(1, LATENT_CHANNELS, SIZE // FOLD, SIZE // FOLD,
+                                 generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(len(texts))])
+    sched.set_timesteps(steps)
+    lat = lat * sched.init_noise_sigma
+    for t in sched.timesteps:
+        x = sched.scale_model_input(torch.cat([lat, lat]), t)
+        out = unet(x, t, encoder_hidden_states=torch.cat([uncond, cond]), return_dict=False)[0]
+        u, c = out.chunk(2)
+        lat = sched.step(u + guidance * (c - u), t, lat).prev_sample
+    pixels = Unfold()(lat / SCALE) + SHIFT
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(pics: np.ndarray, path: Path, cols: int = 8) -> None:
+    from PIL import Image
+
+    n = len(pics)
+    rows = (n + cols - 1) // cols
+    canvas = np.full((rows * SIZE, cols * SIZE, 3), 255, dtype=np.uint8)
+    for i, p in enumerate(pics):
+        canvas[(i // cols) * SIZE:(i // cols + 1) * SIZE, (i % cols) * SIZE:(i % cols + 1) * SIZE] = p
+    Image.fromarray(canvas).save(path)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation with the scene checker
+
+
+def evaluate(args) -> None:
+    torch.set_num_threads(1)
+    import check_scenes
+
+    unet, te, state = load_models(Path(args.run))
+    tokens = Tokens()
+    prompts = scenes.load_heldout()["eval_prompts"]
+    rng = random.Random(99)
+    train_prompts = [scenes.caption(scenes.sample_scene(rng, "train")) for _ in range(len(prompts))]
+    results = {"step": state["step"], "guidance": args.guidance}
+    for steps in [int(s) for s in args.step_counts.split(",")]:
+        for name, texts in (("heldout", prompts), ("train_distribution", train_prompts)):
+            pics = np.concatenate([sample(unet, te, tokens, texts[i:i + 16], steps, args.guidance, 1000 + i)
+                                   for i in range(0, len(texts), 16)])
+            rows = [check_scenes.check(p, t) for p, t in zip(pics, texts)]
+            results[f"{name}_steps{steps}"] = summarise(rows, texts)
+            if steps == 4 and name == "heldout":
+                save_grid(pics[:32], Path(args.run) / f"eval_grid_{state['step']:06d}.png")
+            print(name, steps, json.dumps(results[f"{name}_steps{steps}"]), flush=True)
+    (Path(args.run) / f"eval_{state['step']:06d}.json").write_text(json.dumps(results, indent=1))
+
+
+def summarise(rows: list[dict], texts: list[str]) -> dict:
+    out = {"n": len(rows)}
+    for k in ("full", "objects", "colours", "counts", "relation"):
+        vals = [r[k] for r in rows if r[k] is not None]
+        out[k] = round(float(np.mean(vals)), 4) if vals else None
+    rel = [r["full"] for r, t in zip(rows, texts) if scenes.parse_caption(t).relation]
+    cnt = [r["full"] for r, t in zip(rows, texts) if not scenes.parse_caption(t).relation]
+    out["full_relation_prompts"] = round(float(np.mean(rel)), 4) if rel else None
+    out["full_count_prompts"] = round(float(np.mean(cnt)), 4) if cnt else None
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Export
+
+
+class UNetExport(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def manifest(step: int) -> str:
+    return f"""# edgegen bundle manifest
+name = "Scenes SD (64x64)"
+kind = "diffusion"
+description = \"\"\"A small Stable-Diffusion-shaped model (CLIP text encoder, UNet with cross-attention, space-to-depth "VAE" decoder) trained from scratch on CPU by tools/train_diffusion.py ({step} steps) on the procedural clip-art world of tools/scenes.py: colours red, green, blue, yellow, orange, purple; objects apple, tree, sun, house, car, ball, cloud, flower; counts one to three; relations on, above, below, left of, right of, next to. See docs/quality.md for what it gets right.\"\"\"
+license = "Apache-2.0"
+
+[defaults]
+steps = 4
+guidance = 3.0
+width = 64
+height = 64
+scheduler = "euler"
+"""
+
+
+def export(args) -> None:
+    io.setup_torch()
+    unet, te, state = load_models(Path(args.run))
+    unet.set_attn_processor(AttnProcessor())
+    out = Path(args.out)
+    io.clean_dir(out)
+    io.copy_tokenizer(TOKENIZER_DIR, out / "tokenizer")
+    io.export_text_encoder(te, out / "text_encoder" / "model.onnx", torch.int32)
+    io.write_text_encoder_config(te, out / "text_encoder")
+    hw = SIZE // FOLD
+    g = torch.Generator().manual_seed(0)
+    io.export_onnx(UNetExport(unet), (torch.randn(2, LATENT_CHANNELS, hw, hw, generator=g), torch.tensor(999.0),
+                                      torch.randn(2, io.MAX_LENGTH, 32, generator=g)),
+                   out / "unet" / "model.onnx", ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
+                   {"sample": {0: "batch_size", 2: "height", 3: "width"},
+                    "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+                    "out_sample": {0: "batch_size", 2: "height", 3: "width"}})
+    unet.save_config(str(out / "unet"))
+    io.export_onnx(Unfold(), (torch.randn(1, LATENT_CHANNELS, hw, hw, generator=g),), out / "vae_decoder" / "model.onnx",
+                   ["latent_sample"], ["sample"],
+                   {"latent_sample": {0: "batch_size", 2: "height", 3: "width"},
+                    "sample": {0: "batch_size", 2: "height", 3: "width"}})
+    io.write_plain_json(out / "vae_decoder" / "config.json", {
+        "_class_name": "SpaceToDepthDecoder",
+        "_note": "pixel space folded 4x4 into 48 channels; decoder = depth-to-space (tools/train_diffusion.py)",
+        "block_out_channels": [LATENT_CHANNELS] * 3,  # length 3: 2 ** (3 - 1) = 4x upsampling
+        "latent_channels": LATENT_CHANNELS,
+        "in_channels": 3,
+        "out_channels": 3,
+        "sample_size": SIZE,
+        "scaling_factor": SCALE,
+        "shift_factor": SHIFT,
+    })
+    EulerDiscreteScheduler(**scheduler_config()).save_config(str(out / "scheduler"))
+    io.write_plain_json(out / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": __import__("diffusers").__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": [None, None],
+    })
+    (out / "edgegen.toml").write_text(manifest(state["step"]), encoding="utf-8")
+    # onnxruntime vs torch on one denoising call
+    sess = io.ort_session(out / "unet" / "model.onnx")
+    x = torch.randn(1, LATENT_CHANNELS, hw, hw, generator=g)
+    e = torch.randn(1, io.MAX_LENGTH, 32, generator=g)
+    with torch.no_grad():
+        want = unet(x, torch.tensor(500.0), encoder_hidden_states=e, return_dict=False)[0]
+    got = sess.run(["out_sample"], {"sample": x.numpy(), "timestep": np.array(500.0, dtype=np.float32),
+                                    "encoder_hidden_states": e.numpy()})[0]
+    print(f"exported step {state['step']} to {out}: {io.dir_size(out)} bytes; unet onnx vs torch "
+          f"{io.max_abs_diff(got, want):.2e}")
+
+
+def slim(args) -> None:
+    """A small resumable checkpoint (the EMA weights as both the weights and their average, no optimizer
+    state): copy it to <run>/ckpt.pt and `train` continues from it."""
+    state = torch.load(Path(args.run) / "ckpt.pt", weights_only=False)
+    ema_unet, ema_te = state["ema_unet"], state["ema_te"]
+    # the same tensors under two keys are stored once
+    torch.save({"unet": ema_unet, "te": ema_te, "ema_unet": ema_unet, "ema_te": ema_te, "step": state["step"],
+                "wall_seconds": state["wall_seconds"]}, args.out)
+    print(f"step {state['step']} -> {args.out} ({Path(args.out).stat().st_size} bytes)")
+
+
+def bench(args) -> None:
+    """Seconds per training step (fp32 and bf16 autocast) at the given batch, one thread."""
+    torch.set_num_threads(1)
+    unet, te = build_unet(), io.build_text_encoder()
+    print(f"unet parameters {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M")
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(te.parameters()), 1e-4)
+    tokens = Tokens()
+    for bf16 in (False, True):
+        times = []
+        for step in range(4):
+            t0 = time.monotonic()
+            pixels, texts = batch_at(step, args.batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                cond = te(input_ids=tokens(texts)).last_hidden_state
+                pred = unet(fold(pixels), torch.randint(0, 1000, (args.batch,)), encoder_hidden_states=cond,
+                            return_dict=False)[0]
+            loss = pred.float().pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.monotonic() - t0)
+        print(f"bf16={bf16}: {np.median(times[1:]):.2f} s/step at batch {args.batch}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["train", "export", "eval", "bench", "slim"])
+    p.add_argument("--run", default="/work/train/diffusion")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (AMX CPUs: faster)")
+    p.add_argument("--save-seconds", type=float, default=180.0)
+    p.add_argument("--sample-every", type=int, default=250)
+    p.add_argument("--out", default="models/scenes-sd")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--step-counts", default="1,2,4,8")
+    args = p.parse_args()
+    {"train": train, "export": export, "eval": evaluate, "bench": bench, "slim": slim}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
