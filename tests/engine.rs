@@ -9,22 +9,11 @@
 
 mod common;
 
-use common::{array, fixtures, read_json};
+use common::{array, fixtures, input_value, read_json};
 use edgegen::engine::{ElementType, Input, OnnxModel};
 use ndarray::{ArrayD, IxDyn};
-use serde_json::Value;
 
 const TOLERANCE: f32 = 1e-4;
-
-fn input_value(value: &Value) -> Input {
-    let (shape, data) = array(value);
-    if value["dtype"].as_str() == Some("int64") {
-        let ints = data.iter().map(|&v| v as i64).collect();
-        Input::Int(ArrayD::from_shape_vec(IxDyn(&shape), ints).unwrap())
-    } else {
-        Input::Float(ArrayD::from_shape_vec(IxDyn(&shape), data).unwrap())
-    }
-}
 
 fn check_component(bundle: &str, component: &str) -> f32 {
     let reference = read_json(&fixtures().join(format!("references/components-{bundle}.json")));

@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::{array, fixtures, read_json};
+use common::{array, fixtures, input_value, read_json};
 use edgegen::engine::{F16Mode, Input, OnnxModel};
-use ndarray::{ArrayD, IxDyn};
 use serde_json::Value;
 
 /// int8 files, tract vs onnxruntime, max abs difference (outputs are within ±1.5).
@@ -55,16 +54,6 @@ const F16_FILES: &[&str] = &["text_encoder-f16", "generator-f16"];
 
 fn references() -> Value {
     read_json(&fixtures().join("quantized/references.json"))
-}
-
-fn input_value(value: &Value) -> Input {
-    let (shape, data) = array(value);
-    if value["dtype"].as_str() == Some("int64") {
-        let ints = data.iter().map(|&v| v as i64).collect();
-        Input::Int(ArrayD::from_shape_vec(IxDyn(&shape), ints).unwrap())
-    } else {
-        Input::Float(ArrayD::from_shape_vec(IxDyn(&shape), data).unwrap())
-    }
 }
 
 fn model_path(stem: &str) -> std::path::PathBuf {

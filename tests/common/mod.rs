@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use edgegen::engine::Input;
+use ndarray::{ArrayD, IxDyn};
 use serde_json::Value;
 
 pub fn fixtures() -> PathBuf {
@@ -62,4 +64,15 @@ pub fn max_u8_diff(rgb: &[u8], reference: &[f32]) -> u8 {
         })
         .max()
         .unwrap_or(0)
+}
+
+/// A reference array as a graph input, int64 or float32 as its `dtype` says.
+pub fn input_value(value: &Value) -> Input {
+    let (shape, data) = array(value);
+    if value["dtype"].as_str() == Some("int64") {
+        let ints = data.iter().map(|&v| v as i64).collect();
+        Input::Int(ArrayD::from_shape_vec(IxDyn(&shape), ints).unwrap())
+    } else {
+        Input::Float(ArrayD::from_shape_vec(IxDyn(&shape), data).unwrap())
+    }
 }
