@@ -196,7 +196,8 @@ impl ConnectSettings {
 fn read_password(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read mqtt.password_file {}", path.display()))?;
-    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+    // The first line; a trailing newline (as editors write it) is not part of the password.
+    Ok(text.lines().next().unwrap_or_default().to_string())
 }
 
 /// What the connection task reports.
