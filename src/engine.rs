@@ -540,8 +540,3 @@ fn summarize(proto: &tract_onnx::pb::ModelProto) -> GraphSummary {
     }
     summary
 }
-
-/// Builds an `ArrayD` from a shape and data, with a readable error.
-pub fn array(shape: &[usize], data: Vec<f32>) -> Result<ArrayD<f32>> {
-    ArrayD::from_shape_vec(IxDyn(shape), data).context("tensor shape does not match its data")
-}

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{array, fixtures, input_value, read_json};
+use common::{array, fixtures, named_inputs, read_json};
 use edgegen::engine::{ElementType, Input, OnnxModel};
 use ndarray::{ArrayD, IxDyn};
 
@@ -21,12 +21,7 @@ fn check_component(bundle: &str, component: &str) -> f32 {
     let model =
         OnnxModel::load(&fixtures().join(format!("bundles/{bundle}/{component}/model.onnx")))
             .unwrap();
-    let inputs: Vec<(&str, Input)> = call["inputs"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(name, value)| (name.as_str(), input_value(value)))
-        .collect();
+    let inputs = named_inputs(&call["inputs"]);
     let outputs = model.run(inputs).unwrap();
     let (name, expected) = call["outputs"].as_object().unwrap().iter().next().unwrap();
     let (shape, want) = array(expected);

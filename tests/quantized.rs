@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::{array, fixtures, input_value, read_json};
-use edgegen::engine::{F16Mode, Input, OnnxModel};
+use common::{array, fixtures, input_value, named_inputs, read_json};
+use edgegen::engine::{F16Mode, OnnxModel};
 use serde_json::Value;
 
 /// int8 files, tract vs onnxruntime, max abs difference (outputs are within ±1.5).
@@ -65,12 +65,7 @@ fn diff_to_onnxruntime(references: &Value, stem: &str, f16_mode: F16Mode) -> f32
     let record = &references["files"][stem];
     let source = record["inputs"].as_str().unwrap();
     let model = OnnxModel::load_with(&model_path(stem), f16_mode).unwrap();
-    let inputs: Vec<(&str, Input)> = references["inputs"][source]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(name, value)| (name.as_str(), input_value(value)))
-        .collect();
+    let inputs = named_inputs(&references["inputs"][source]);
     let outputs = model.run(inputs).unwrap();
     let (shape, want) = array(&record["output"]);
     assert_eq!(outputs[0].shape(), shape.as_slice(), "{stem}: output shape");

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
+use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 use serde::Deserialize;
 
 use super::{
@@ -470,12 +470,4 @@ pub fn guidance_embedding(w: f32, dim: usize) -> Vec<f32> {
         embedding.push(0.0);
     }
     embedding
-}
-
-#[allow(dead_code)]
-fn slice_batch(array: &ArrayD<f32>, index: usize) -> ArrayD<f32> {
-    array
-        .slice(s![index..index + 1, .., .., ..])
-        .into_dyn()
-        .to_owned()
 }

@@ -76,3 +76,13 @@ pub fn input_value(value: &Value) -> Input {
         Input::Float(ArrayD::from_shape_vec(IxDyn(&shape), data).unwrap())
     }
 }
+
+/// A reference's `{name: array}` inputs as named graph inputs.
+pub fn named_inputs(inputs: &Value) -> Vec<(&str, Input)> {
+    inputs
+        .as_object()
+        .expect("inputs object")
+        .iter()
+        .map(|(name, value)| (name.as_str(), input_value(value)))
+        .collect()
+}
