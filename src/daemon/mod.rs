@@ -12,6 +12,7 @@
 mod announce;
 pub mod intake;
 mod jobs;
+mod local;
 mod outbox;
 mod stored;
 pub mod worker;
@@ -46,6 +47,8 @@ use jobs::{
 use outbox::Outbox;
 use worker::{JobEnd, Models, WorkOrder, Worker, WorkerEvent};
 
+pub use local::{Gateway, JobEvent};
+
 /// How often the retained stats message is refreshed.
 const STATS_EVERY: Duration = Duration::from_secs(30);
 /// How often retention runs besides after every job (for `max_age_days`).
@@ -54,6 +57,9 @@ const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 const CLIENT_CHANNEL: usize = 1024;
 /// How long shutdown waits for queued results to reach the broker.
 const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(3);
+/// Failed and cancelled results kept in memory for `Gateway::lookup` (done
+/// ones are found in storage).
+const RECENT_RESULTS: usize = 64;
 
 /// Runs the daemon until SIGTERM or SIGINT, then shuts down gracefully.
 pub fn serve(config: Config) -> Result<()> {
@@ -122,6 +128,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.models.default.clone(),
     )?;
 
+    let (gateway, local) = local::channel();
+    let _front_ends = gateway;
+    let local::GatewayEnd {
+        commands: mut local_commands,
+        events,
+    } = local;
+
     let mut daemon = Daemon {
         config,
         topics,
@@ -133,11 +146,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         running: None,
         stats: Stats::new(),
         stopping: false,
+        events,
+        recent: VecDeque::new(),
     };
     daemon.restore(restored);
-    let served = daemon
-        .serve(shutdown, &mut mqtt_events, &mut worker_events)
-        .await;
+    let inputs = Inputs {
+        mqtt: &mut mqtt_events,
+        worker: &mut worker_events,
+        local: &mut local_commands,
+    };
+    let served = daemon.serve(shutdown, inputs).await;
     daemon
         .stop(&mut mqtt_events, &mut worker_events, mqtt_task)
         .await;
@@ -211,6 +229,21 @@ struct Daemon {
     running: Option<Running>,
     stats: Stats,
     stopping: bool,
+    events: tokio::sync::broadcast::Sender<JobEvent>,
+    recent: VecDeque<JobResult>,
+}
+
+/// A request turned away, and where its error result goes.
+struct Rejection {
+    routes: Routes,
+    error: ErrorBody,
+}
+
+/// What the daemon's loop listens to besides timers.
+struct Inputs<'a> {
+    mqtt: &'a mut UnboundedReceiver<ClientEvent>,
+    worker: &'a mut UnboundedReceiver<WorkerEvent>,
+    local: &'a mut tokio::sync::mpsc::Receiver<local::Command>,
 }
 
 impl Daemon {
@@ -218,8 +251,7 @@ impl Daemon {
     async fn serve(
         &mut self,
         shutdown: impl Future<Output = ()>,
-        mqtt_events: &mut UnboundedReceiver<ClientEvent>,
-        worker_events: &mut UnboundedReceiver<WorkerEvent>,
+        inputs: Inputs<'_>,
     ) -> Result<()> {
         tokio::pin!(shutdown);
         let mut stats_tick = tokio::time::interval(STATS_EVERY);
@@ -232,8 +264,9 @@ impl Daemon {
         loop {
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                Some(event) = mqtt_events.recv() => self.on_client_event(event).await,
-                event = worker_events.recv() => match event {
+                Some(event) = inputs.mqtt.recv() => self.on_client_event(event).await,
+                Some(command) = inputs.local.recv() => self.on_local(command),
+                event = inputs.worker.recv() => match event {
                     Some(event) => self.on_worker_event(event),
                     None => bail!("the generation thread stopped unexpectedly"),
                 },
@@ -415,26 +448,56 @@ impl Daemon {
             return;
         }
         let intake = intake::parse(&publish.payload, &self.config.limits);
-        match intake.request {
-            Ok(request) => self.accept(request, response, delivery, received),
-            Err(error) => {
-                let routes = Routes {
+        let admitted = match intake.request {
+            Ok(request) => self.admit(request, response, Some(delivery), received),
+            Err(error) => Err(Rejection {
+                routes: Routes {
                     id: intake.id.unwrap_or_else(intake::new_id),
                     reply_to: intake.reply_to,
                     response,
-                };
-                self.reject(&routes, error);
-            }
+                },
+                error,
+            }),
+        };
+        if let Err(rejection) = admitted {
+            self.reject(&rejection.routes, rejection.error);
         }
     }
 
-    fn accept(
+    /// A request from a local front end: the same checks as over MQTT, but a
+    /// rejection goes back to the caller only.
+    fn on_local(&mut self, command: local::Command) {
+        match command {
+            local::Command::Submit { payload, answer } => {
+                let received = Instant::now();
+                let admitted = intake::parse(&payload, &self.config.limits)
+                    .request
+                    .and_then(|request| {
+                        self.admit(request, None, None, received)
+                            .map_err(|rejection| rejection.error)
+                    });
+                if let Err(error) = &admitted {
+                    log::info!("local request rejected: {}: {}", error.code, error.message);
+                    self.stats.rejected += 1;
+                }
+                let _ = answer.send(admitted);
+            }
+            local::Command::Lookup { id, answer } => {
+                let _ = answer.send(self.lookup(&id));
+            }
+            local::Command::Cancel { id } => self.cancel(&id),
+        }
+    }
+
+    /// Queues a request (or answers it from an unfinished or stored job of
+    /// the same id); returns its id.
+    fn admit(
         &mut self,
         mut request: Request,
         response: Option<ResponseRoute>,
-        delivery: String,
+        delivery: Option<String>,
         received: Instant,
-    ) {
+    ) -> Result<String, Rejection> {
         let id = request.id.clone().unwrap_or_else(intake::new_id);
         request.id = Some(id.clone());
         let routes = Routes {
@@ -442,32 +505,21 @@ impl Daemon {
             reply_to: request.reply_to.clone(),
             response,
         };
-        if let Some(position) = self.position_of(&id) {
+        if let Some(status) = self.unfinished_status(&id) {
             log::info!("request {id} is already queued; its result answers this one too");
-            let (state, step, steps) = match &self.running {
-                Some(r) if r.job.id() == id => (JobState::Running, r.step, r.steps),
-                _ => {
-                    let steps = self
-                        .queue
-                        .iter()
-                        .find(|j| j.id() == id)
-                        .map_or(0, |j| j.spooled.steps);
-                    (JobState::Queued, 0, steps)
-                }
-            };
-            self.status(&id, state, step, steps, position, true);
+            self.publish_status(status, true);
             if routes.reply_to.is_some() || routes.response.is_some() {
                 if let Some(job) = self.job_mut(&id) {
                     job.also_reply.push(routes);
                 }
             }
-            return;
+            return Ok(id);
         }
         match stored::find(&self.config.storage.output_dir, &id) {
             Ok(Some(result)) => {
                 log::info!("request {id} already has a stored result; answering from storage");
                 self.answer_from_storage(&routes, result, request.return_image, None);
-                return;
+                return Ok(id);
             }
             Ok(None) => {}
             Err(err) => log::warn!("looking up a stored result for {id}: {err:#}"),
@@ -478,11 +530,12 @@ impl Daemon {
                 "{unfinished} jobs are waiting, at most {} allowed",
                 self.config.limits.queue
             );
-            return self.reject(&routes, ErrorBody::new(ErrorCode::Busy, message));
+            let error = ErrorBody::new(ErrorCode::Busy, message);
+            return Err(Rejection { routes, error });
         }
         let (model, steps) = match blocking(|| self.check_model(&request)) {
             Ok(checked) => checked,
-            Err(error) => return self.reject(&routes, error),
+            Err(error) => return Err(Rejection { routes, error }),
         };
         let spooled = SpooledJob {
             id: id.clone(),
@@ -491,7 +544,7 @@ impl Daemon {
             received: chrono::Local::now().to_rfc3339(),
             steps,
             response: routes.response.clone(),
-            delivery: Some(delivery),
+            delivery,
         };
         let path = match blocking(|| self.spool.add(&id, &spooled)) {
             Ok(path) => path,
@@ -501,7 +554,8 @@ impl Daemon {
                 } else {
                     ErrorCode::Internal
                 };
-                return self.reject(&routes, ErrorBody::new(code, format!("{err:#}")));
+                let error = ErrorBody::new(code, format!("{err:#}"));
+                return Err(Rejection { routes, error });
             }
         };
         self.queue.push_back(Job {
@@ -514,6 +568,7 @@ impl Daemon {
         let position = self.queue.len() - 1 + usize::from(self.running.is_some());
         log::info!("job {id} queued at position {position}");
         self.status(&id, JobState::Queued, 0, steps, position, true);
+        Ok(id)
     }
 
     /// Checks the request against its model: returns the model id and the step count.
@@ -569,10 +624,13 @@ impl Daemon {
     }
 
     fn on_cancel(&mut self, publish: &Publish) {
-        let id = match intake::parse_cancel(&publish.payload) {
-            Ok(id) => id,
-            Err(reason) => return log::warn!("ignoring cancel message: {reason}"),
-        };
+        match intake::parse_cancel(&publish.payload) {
+            Ok(id) => self.cancel(&id),
+            Err(reason) => log::warn!("ignoring cancel message: {reason}"),
+        }
+    }
+
+    fn cancel(&mut self, id: &str) {
         if let Some(at) = self.queue.iter().position(|j| j.id() == id) {
             if let Some(job) = self.queue.remove(at) {
                 log::info!("job {id} cancelled while queued");
@@ -755,21 +813,33 @@ impl Daemon {
             steps,
             queue_position,
         };
+        self.publish_status(status, reliable);
+    }
+
+    fn publish_status(&mut self, status: Status, reliable: bool) {
         let Ok(payload) = serde_json::to_vec(&status) else {
             return;
         };
-        let topic = self.topics.job_status(id);
+        let topic = self.topics.job_status(&status.id);
         if reliable {
             self.outbox.reliable(&topic, payload, false, None, None);
         } else {
             self.outbox.lossy(&topic, payload, QoS::AtLeastOnce, false);
         }
+        let _ = self.events.send(JobEvent::Status(status));
     }
 
     /// The result goes to the job's topic, to `reply_to`, and to the MQTT 5
     /// response topic with the request's correlation data.
     fn publish_result(&mut self, routes: &Routes, result: &JobResult, spool_file: Option<PathBuf>) {
         self.send_result(routes, result, spool_file, true);
+        if result.error.is_some() {
+            if self.recent.len() == RECENT_RESULTS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(result.clone());
+        }
+        let _ = self.events.send(JobEvent::Result(result.clone()));
     }
 
     fn send_result(
@@ -854,6 +924,48 @@ impl Daemon {
     fn remove_spool_file(&self, path: &Path) {
         if let Err(err) = blocking(|| self.spool.remove(path)) {
             log::error!("{err:#}");
+        }
+    }
+
+    /// The status of a queued or running job.
+    fn unfinished_status(&self, id: &str) -> Option<Status> {
+        let queue_position = self.position_of(id)?;
+        let (state, step, steps) = match &self.running {
+            Some(r) if r.job.id() == id => (JobState::Running, r.step, r.steps),
+            _ => {
+                let steps = self
+                    .queue
+                    .iter()
+                    .find(|j| j.id() == id)
+                    .map_or(0, |j| j.spooled.steps);
+                (JobState::Queued, 0, steps)
+            }
+        };
+        Some(Status {
+            id: id.to_string(),
+            state,
+            step,
+            steps,
+            queue_position,
+        })
+    }
+
+    /// A job's status while unfinished, else its result: recent failures
+    /// from memory, pictures from storage.
+    fn lookup(&self, id: &str) -> Option<JobEvent> {
+        intake::check_id(id).ok()?;
+        if let Some(status) = self.unfinished_status(id) {
+            return Some(JobEvent::Status(status));
+        }
+        if let Some(result) = self.recent.iter().rev().find(|r| r.id == id) {
+            return Some(JobEvent::Result(result.clone()));
+        }
+        match blocking(|| stored::find(&self.config.storage.output_dir, id)) {
+            Ok(found) => found.map(JobEvent::Result),
+            Err(err) => {
+                log::warn!("looking up a stored result for {id}: {err:#}");
+                None
+            }
         }
     }
 
