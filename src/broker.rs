@@ -9,6 +9,11 @@
 //! straight to the MQTT 5 listener. The front also gives clients that send an
 //! empty client id one of their own, as the MQTT specification has the server
 //! do (rumqttd refuses empty ids; `mosquitto_pub` sends one).
+//!
+//! It listens on loopback by default (`mqtt.listen = "127.0.0.1:1883"`). With
+//! `mqtt.username` and `mqtt.password_file` set, every client (the daemon
+//! included) must log in with them; on any other address without them it
+//! warns, since then anyone on the network may publish requests.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -39,17 +44,60 @@ impl Drop for EmbeddedBroker {
     }
 }
 
+/// The one login the embedded broker accepts.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <password>)", self.username)
+    }
+}
+
+/// The login from `[mqtt]`: `None` when `username` is empty; an error when a
+/// username comes without a password file (a broker that lets anyone in
+/// under a name would be a false promise).
+pub fn credentials(mqtt: &crate::config::MqttConfig) -> Result<Option<Credentials>> {
+    if mqtt.username.is_empty() {
+        return Ok(None);
+    }
+    if mqtt.password_file.as_os_str().is_empty() {
+        bail!("mqtt.username is set for the embedded broker, but mqtt.password_file is empty");
+    }
+    let password = crate::mqtt::client::read_password(&mqtt.password_file)?;
+    if password.is_empty() {
+        bail!(
+            "mqtt.password_file {} is empty: the embedded broker needs a password",
+            mqtt.password_file.display()
+        );
+    }
+    Ok(Some(Credentials {
+        username: mqtt.username.clone(),
+        password,
+    }))
+}
+
 /// Starts rumqttd and the front on `listen`; must run inside a tokio runtime.
-pub async fn start(listen: &str) -> Result<EmbeddedBroker> {
+/// With `login`, clients must authenticate with it.
+pub async fn start(listen: &str, login: Option<Credentials>) -> Result<EmbeddedBroker> {
     let front = TcpListener::bind(listen)
         .await
         .with_context(|| format!("embedded broker: cannot listen on mqtt.listen = {listen}"))?;
     let listen = front
         .local_addr()
         .context("embedded broker: local address")?;
+    if login.is_none() && !listen.ip().is_loopback() {
+        log::warn!(
+            "embedded broker listens on {listen} without a password: anyone who can reach it may \
+             publish requests (set mqtt.username and mqtt.password_file)"
+        );
+    }
     let v4 = free_loopback_port()?;
     let v5 = free_loopback_port()?;
-    let mut broker = rumqttd::Broker::new(config(v4, v5));
+    let mut broker = rumqttd::Broker::new(config(v4, v5, login));
     std::thread::Builder::new()
         .name("embedded-broker".into())
         .spawn(move || {
@@ -66,12 +114,13 @@ pub async fn start(listen: &str) -> Result<EmbeddedBroker> {
     Ok(EmbeddedBroker { listen, v5, front })
 }
 
-fn config(v4: SocketAddr, v5: SocketAddr) -> Config {
+fn config(v4: SocketAddr, v5: SocketAddr, login: Option<Credentials>) -> Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: MAX_PAYLOAD,
         max_inflight_count: 100,
-        auth: None,
+        // Also on the private loopback listeners, which local users could reach directly.
+        auth: login.map(|c| HashMap::from([(c.username, c.password)])),
         external_auth: None,
         dynamic_filters: true,
     };
@@ -293,6 +342,31 @@ fn protocol_level(bytes: &[u8]) -> Result<Option<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_need_a_password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mqtt = crate::config::MqttConfig::default();
+        assert_eq!(credentials(&mqtt).unwrap(), None);
+        mqtt.username = "kiosk".into();
+        assert!(credentials(&mqtt).is_err());
+        mqtt.password_file = dir.path().join("password");
+        std::fs::write(&mqtt.password_file, "\n").unwrap();
+        assert!(credentials(&mqtt).is_err(), "empty password");
+        std::fs::write(&mqtt.password_file, "s3cret\nignored\n").unwrap();
+        let login = credentials(&mqtt).unwrap().unwrap();
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("kiosk", "s3cret")
+        );
+        assert!(!format!("{login:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn loopback_by_default() {
+        let listen: SocketAddr = crate::config::MqttConfig::default().listen.parse().unwrap();
+        assert!(listen.ip().is_loopback());
+    }
 
     #[test]
     fn protocol_levels() {

@@ -1,11 +1,15 @@
 //! Model bundles on disk: finding them, reading their manifests and
 //! describing them (`edgegen models list|inspect`).
 
+mod check;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+pub use check::{onnx_inputs, GraphInput};
 
 pub const MANIFEST: &str = "edgegen.toml";
 
@@ -161,6 +165,58 @@ impl Bundle {
         Ok(())
     }
 
+    /// A quick integrity check beyond `open`: every ONNX file is a complete
+    /// protobuf with a graph, the inputs the pipeline feeds are declared with
+    /// the ranks it feeds them, and the tokenizer's vocabulary is JSON. Does
+    /// not read the weights, so it stays fast for large models; loading the
+    /// model checks the rest.
+    pub fn check(&self) -> Result<()> {
+        let component = |relative: &str| -> Result<Vec<GraphInput>> {
+            check::onnx_inputs(&self.path(relative))
+        };
+        match &self.manifest.gan {
+            None => {
+                expect_first_rank(&component("text_encoder/model.onnx")?, 2, "text_encoder")?;
+                let unet = component("unet/model.onnx")?;
+                for (name, ranks) in [
+                    ("sample", &[4][..]),
+                    ("timestep", &[0, 1][..]),
+                    ("encoder_hidden_states", &[3][..]),
+                ] {
+                    expect_input(&unet, name, ranks, "unet")?;
+                }
+                expect_first_rank(&component("vae_decoder/model.onnx")?, 4, "vae_decoder")?;
+            }
+            Some(gan) => {
+                let generator = component("generator/model.onnx")?;
+                let latent = expect_input(&generator, &gan.latent_input, &[2], "generator")?;
+                if let Some(Some(dim)) = latent.dims.as_ref().and_then(|d| d.get(1)) {
+                    if *dim > 0 && *dim as usize != gan.latent_dim {
+                        bail!(
+                            "generator/model.onnx: input '{}' takes {dim} latent values, but edgegen.toml says latent_dim = {}",
+                            gan.latent_input,
+                            gan.latent_dim
+                        );
+                    }
+                }
+                for name in [&gan.class_input, &gan.text_input].into_iter().flatten() {
+                    expect_input(&generator, name, &[], "generator")?;
+                }
+                if gan.text_input.is_some() {
+                    expect_first_rank(&component("text_encoder/model.onnx")?, 2, "text_encoder")?;
+                }
+            }
+        }
+        if self.required_files().contains(&"tokenizer/vocab.json") {
+            let path = self.path("tokenizer/vocab.json");
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            serde_json::from_reader::<_, serde::de::IgnoredAny>(std::io::BufReader::new(file))
+                .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        }
+        Ok(())
+    }
+
     /// Total bytes of every file in the bundle.
     pub fn size_on_disk(&self) -> u64 {
         dir_size(&self.dir)
@@ -168,6 +224,47 @@ impl Bundle {
 
     pub fn display_name(&self) -> &str {
         self.manifest.name.as_deref().unwrap_or(&self.id)
+    }
+}
+
+/// The input `name` of a component, with one of `ranks` when the graph declares
+/// its shape (any rank when `ranks` is empty).
+fn expect_input<'a>(
+    inputs: &'a [GraphInput],
+    name: &str,
+    ranks: &[usize],
+    component: &str,
+) -> Result<&'a GraphInput> {
+    let Some(input) = inputs.iter().find(|i| i.name == name) else {
+        let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+        bail!(
+            "{component}/model.onnx has no input '{name}' (it has: {})",
+            names.join(", ")
+        );
+    };
+    check_rank(input, ranks, component)?;
+    Ok(input)
+}
+
+fn expect_first_rank(inputs: &[GraphInput], rank: usize, component: &str) -> Result<()> {
+    let input = inputs
+        .first()
+        .ok_or_else(|| anyhow!("{component}/model.onnx: the graph has no inputs"))?;
+    check_rank(input, &[rank], component)
+}
+
+fn check_rank(input: &GraphInput, ranks: &[usize], component: &str) -> Result<()> {
+    match input.rank() {
+        Some(rank) if !ranks.is_empty() && !ranks.contains(&rank) => bail!(
+            "{component}/model.onnx: input '{}' has {rank} dimensions, the pipeline feeds it {}",
+            input.name,
+            ranks
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -207,7 +304,7 @@ pub struct Listed {
     pub bundle: Result<Bundle, String>,
 }
 
-/// Every sub-directory of `models_dir`, sorted by id.
+/// Every sub-directory of `models_dir`, sorted by id, each checked with `Bundle::check`.
 pub fn list(models_dir: &Path) -> Result<Vec<Listed>> {
     let entries = std::fs::read_dir(models_dir)
         .with_context(|| format!("cannot read models directory {}", models_dir.display()))?;
@@ -217,7 +314,9 @@ pub fn list(models_dir: &Path) -> Result<Vec<Listed>> {
         .map(|e| {
             let dir = e.path();
             let id = e.file_name().to_string_lossy().into_owned();
-            let bundle = Bundle::open(&dir).map_err(|err| format!("{err:#}"));
+            let bundle = Bundle::open(&dir)
+                .and_then(|b| b.check().map(|()| b))
+                .map_err(|err| format!("{err:#}"));
             Listed { id, dir, bundle }
         })
         .collect();

@@ -62,6 +62,10 @@ pub struct MqttConfig {
     pub ca_file: PathBuf,
     pub shared_group: String,
     pub home_assistant: bool,
+    /// Topic filter every `reply_to` and MQTT 5 response topic must match;
+    /// empty means `<prefix>/reply/#`. Keeps a client from making the daemon
+    /// publish where the client itself may not.
+    pub reply_filter: String,
 }
 
 impl Default for MqttConfig {
@@ -77,6 +81,7 @@ impl Default for MqttConfig {
             ca_file: PathBuf::new(),
             shared_group: String::new(),
             home_assistant: false,
+            reply_filter: String::new(),
         }
     }
 }

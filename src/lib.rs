@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod engine;
 pub mod generate;
+pub mod kiosk;
 pub mod mqtt;
 pub mod picture;
 pub mod pipeline;

@@ -83,8 +83,12 @@ struct RequestArgs {
     #[arg(long)]
     broker: Option<String>,
     /// Node id of the daemon (default: mqtt.node_id, else this host's name).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fleet")]
     node: Option<String>,
+    /// Send to the fleet topic `<prefix>/request`: whichever daemon of the
+    /// shared group takes the job answers.
+    #[arg(long)]
+    fleet: bool,
     /// Seconds to wait for the result.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -99,6 +103,7 @@ impl RequestArgs {
             request,
             broker: self.broker,
             node: self.node,
+            fleet: self.fleet,
             output,
             timeout: std::time::Duration::from_secs(self.timeout),
         }
@@ -171,6 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => edgegen::daemon::serve(config)?,
         Command::Request(args) => {
             let answer = requester::run(&config, args.into_options())?;
+            log::info!("job {} done by node '{}'", answer.result.id, answer.node);
             match (&answer.saved, &answer.result.path) {
                 (Some(saved), _) => println!("{}", saved.display()),
                 (None, Some(stored)) => println!("{stored}"),

@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 
+use crate::storage::date_dirs;
+
 /// Limits from `[storage]`; zero means unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
@@ -137,32 +139,6 @@ fn remove_entry(entry: &Entry) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn is_date_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    b.len() == 10
-        && b[4] == b'-'
-        && b[7] == b'-'
-        && b.iter()
-            .enumerate()
-            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
-}
-
-fn date_dirs(output_dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = match fs::read_dir(output_dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => return Err(err).with_context(|| format!("reading {}", output_dir.display())),
-    };
-    let mut dirs: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter(|e| e.file_name().to_str().is_some_and(is_date_name))
-        .map(|e| e.path())
-        .collect();
-    dirs.sort();
-    Ok(dirs)
 }
 
 fn remove_empty_date_dirs(output_dir: &Path) -> Result<()> {

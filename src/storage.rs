@@ -85,6 +85,36 @@ pub fn dated_png_path(output_dir: &Path, id: &str) -> PathBuf {
     output_dir.join(date).join(format!("{id}.png"))
 }
 
+/// True for a `YYYY-MM-DD` folder name (digits and dashes only, so it can
+/// never step outside the output directory).
+pub fn is_date_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+/// The `<output_dir>/<YYYY-MM-DD>` folders, oldest first; none when the
+/// output directory does not exist yet.
+pub fn date_dirs(output_dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(output_dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", output_dir.display())),
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| e.file_name().to_str().is_some_and(is_date_name))
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

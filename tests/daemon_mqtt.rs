@@ -171,33 +171,33 @@ fn return_image_sends_the_stored_png() {
 #[test]
 fn reply_to_and_mqtt5_response_topic_get_the_result() {
     let s = setup("reply", |_| {});
-    s.probe.subscribe("test/replies/#");
+    s.probe.subscribe("edgegen/reply/test/#");
     s.probe.publish(
         &s.topics.request(),
-        r#"{"id":"rt-1","prompt":"a plum","reply_to":"test/replies/rt"}"#,
+        r#"{"id":"rt-1","prompt":"a plum","reply_to":"edgegen/reply/test/rt"}"#,
     );
     s.probe.publish_with_response(
         &s.topics.request(),
         r#"{"id":"corr-1","prompt":"a fig"}"#,
-        "test/replies/corr",
+        "edgegen/reply/test/corr",
         b"\x00correlation\xff",
     );
     let results = s.probe.results(&s.topics, &["rt-1", "corr-1"]);
     let replies = s.probe.wait("both replies", WAIT, |msgs| {
-        ["test/replies/rt", "test/replies/corr"]
+        ["edgegen/reply/test/rt", "edgegen/reply/test/corr"]
             .iter()
             .all(|t| msgs.iter().any(|m| m.topic == *t))
     });
     let reply: JobResult = replies
         .iter()
-        .find(|m| m.topic == "test/replies/rt")
+        .find(|m| m.topic == "edgegen/reply/test/rt")
         .expect("reply_to")
         .json();
     assert_eq!(reply, results["rt-1"]);
     assert_stored(&reply);
     let response = replies
         .iter()
-        .find(|m| m.topic == "test/replies/corr")
+        .find(|m| m.topic == "edgegen/reply/test/corr")
         .expect("response topic");
     assert_eq!(
         response.correlation.as_deref(),
@@ -287,9 +287,9 @@ fn duplicate_ids_are_not_generated_twice() {
 
     // A duplicate of a queued job is not queued twice: one run, one result.
     // The duplicate names its own reply topic: the one run answers it there too.
-    s.probe.subscribe("test/dup/#");
+    s.probe.subscribe("edgegen/reply/dup/#");
     let long = r#"{"id":"dup-2","prompt":"a melon","steps":30}"#;
-    let again = r#"{"id":"dup-2","prompt":"a melon","steps":30,"reply_to":"test/dup/2"}"#;
+    let again = r#"{"id":"dup-2","prompt":"a melon","steps":30,"reply_to":"edgegen/reply/dup/2"}"#;
     s.probe.publish(&s.topics.request(), long);
     s.probe.publish(&s.topics.request(), again);
     let dup2 = s.probe.results(&s.topics, &["dup-2"])["dup-2"].clone();
@@ -302,7 +302,7 @@ fn duplicate_ids_are_not_generated_twice() {
         1,
         "one result for dup-2"
     );
-    let replies = s.probe.on_topic("test/dup/2");
+    let replies = s.probe.on_topic("edgegen/reply/dup/2");
     assert_eq!(replies.len(), 1, "the duplicate's reply_to got the result");
     assert_eq!(replies[0].json::<JobResult>(), dup2);
     let names: Vec<String> = pngs(&s.daemon)
@@ -344,7 +344,7 @@ fn full_queue_answers_busy() {
 #[test]
 fn every_invalid_field_is_named_and_nothing_is_written() {
     let s = setup("invalid", |c| c.max_payload_bytes = 4096);
-    s.probe.subscribe("test/invalid/#");
+    s.probe.subscribe("edgegen/reply/invalid/#");
     let long_prompt = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(201));
     let too_large = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(5000));
     let long_id = format!(r#"{{"id":"{}","prompt":"x"}}"#, "i".repeat(65));
@@ -483,13 +483,13 @@ fn every_invalid_field_is_named_and_nothing_is_written() {
         s.probe.publish_with_response(
             &s.topics.request(),
             *payload,
-            &format!("test/invalid/{case}"),
+            &format!("edgegen/reply/invalid/{case}"),
             case.as_bytes(),
         );
     }
     let topics: Vec<String> = cases
         .iter()
-        .map(|(case, ..)| format!("test/invalid/{case}"))
+        .map(|(case, ..)| format!("edgegen/reply/invalid/{case}"))
         .collect();
     let messages = s
         .probe
@@ -497,7 +497,7 @@ fn every_invalid_field_is_named_and_nothing_is_written() {
             topics.iter().all(|t| msgs.iter().any(|m| &m.topic == t))
         });
     for (case, _, code, field) in &cases {
-        let topic = format!("test/invalid/{case}");
+        let topic = format!("edgegen/reply/invalid/{case}");
         let answers: Vec<_> = messages.iter().filter(|m| m.topic == topic).collect();
         assert_eq!(answers.len(), 1, "{case}: exactly one answer");
         assert_eq!(

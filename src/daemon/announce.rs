@@ -16,6 +16,7 @@ pub(super) struct Stats {
     pub(super) rejected: u64,
     /// Per model: pictures and total generation milliseconds.
     pub(super) per_model: BTreeMap<String, (u64, f64)>,
+    pub(super) last_ms: Option<f64>,
 }
 
 impl Stats {
@@ -27,6 +28,7 @@ impl Stats {
             cancelled: 0,
             rejected: 0,
             per_model: BTreeMap::new(),
+            last_ms: None,
         }
     }
 
@@ -35,6 +37,7 @@ impl Stats {
         let entry = self.per_model.entry(model.to_string()).or_default();
         entry.0 += pictures as u64;
         entry.1 += generation_ms;
+        self.last_ms = Some(generation_ms);
     }
 
     /// The stats message for `unfinished` jobs, `running` the one in progress.
@@ -63,6 +66,7 @@ impl Stats {
                 })
                 .collect(),
             uptime_s: self.started.elapsed().as_secs(),
+            last_ms: self.last_ms,
         }
     }
 }

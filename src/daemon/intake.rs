@@ -1,13 +1,18 @@
 //! Turning an MQTT payload into a `Request`: a JSON object or a bare UTF-8
 //! prompt. Oversized payloads are refused before any parsing. JSON is read
 //! into a map first and checked field by field, so every error names its field
-//! (serde's type errors do not).
+//! (serde's type errors do not). A field given twice is an error too: JSON
+//! parsers disagree on which copy wins, so a proxy and the daemon could
+//! otherwise read different requests from the same bytes.
 
+use std::fmt;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::config::Limits;
 use crate::mqtt::messages::{ErrorBody, ErrorCode};
-use crate::mqtt::topics::check_reply_topic;
+use crate::mqtt::topics::ReplyFilter;
 use crate::request::Request;
 
 /// A parsed request, or why not, with what could be salvaged for the reply.
@@ -38,7 +43,8 @@ const FIELDS: &[&str] = &[
     "reply_to",
 ];
 
-pub fn parse(payload: &[u8], limits: &Limits) -> Intake {
+/// `replies` is where `reply_to` may point (see `ReplyFilter`).
+pub fn parse(payload: &[u8], limits: &Limits, replies: &ReplyFilter) -> Intake {
     let rejected = |error| Intake {
         id: None,
         reply_to: None,
@@ -57,7 +63,8 @@ pub fn parse(payload: &[u8], limits: &Limits) -> Intake {
     let Ok(text) = std::str::from_utf8(payload) else {
         return rejected(ErrorBody::invalid_field("payload", "is not valid UTF-8"));
     };
-    let trimmed = text.trim();
+    // A byte-order mark is not part of the request (some editors and tools add one).
+    let trimmed = text.trim_start_matches('\u{feff}').trim();
     if !(trimmed.starts_with('{') || trimmed.starts_with('[')) {
         return match trimmed {
             "" => rejected(ErrorBody::invalid_field("prompt", "is empty")),
@@ -71,14 +78,14 @@ pub fn parse(payload: &[u8], limits: &Limits) -> Intake {
             },
         };
     }
-    let map = match serde_json::from_str::<Value>(trimmed) {
-        Ok(Value::Object(map)) => map,
-        Ok(_) => {
-            return rejected(ErrorBody::invalid_field(
-                "payload",
-                "must be a JSON object or a bare prompt",
-            ))
-        }
+    if trimmed.starts_with('[') {
+        return rejected(ErrorBody::invalid_field(
+            "payload",
+            "must be a JSON object or a bare prompt",
+        ));
+    }
+    let object = match serde_json::from_str::<Object>(trimmed) {
+        Ok(object) => object,
         Err(err) => {
             return rejected(ErrorBody::invalid_field(
                 "payload",
@@ -86,11 +93,49 @@ pub fn parse(payload: &[u8], limits: &Limits) -> Intake {
             ))
         }
     };
-    from_map(map)
+    from_object(object, replies)
 }
 
-fn from_map(map: Map<String, Value>) -> Intake {
-    let mut fields = Fields { map };
+/// A JSON object's fields, and the first key that appeared more than once.
+struct Object {
+    map: Map<String, Value>,
+    duplicate: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Object {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = Object;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Object, A::Error> {
+                let mut map = Map::new();
+                let mut duplicate = None;
+                while let Some(key) = access.next_key::<String>()? {
+                    let value: Value = access.next_value()?;
+                    if map.contains_key(&key) && duplicate.is_none() {
+                        duplicate = Some(key.clone());
+                    }
+                    map.insert(key, value);
+                }
+                Ok(Object { map, duplicate })
+            }
+        }
+
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+fn from_object(object: Object, replies: &ReplyFilter) -> Intake {
+    let mut fields = Fields {
+        map: object.map,
+        duplicate: object.duplicate,
+    };
     // id and reply_to first: they say where even an error result goes.
     let id = fields.string("id").and_then(|id| match id {
         Some(id) => check_id(&id)
@@ -99,7 +144,8 @@ fn from_map(map: Map<String, Value>) -> Intake {
         None => Ok(None),
     });
     let reply_to = fields.string("reply_to").and_then(|topic| match topic {
-        Some(topic) => check_reply_topic(&topic)
+        Some(topic) => replies
+            .check(&topic)
             .map(|()| Some(topic))
             .map_err(|reason| ErrorBody::invalid_field("reply_to", reason)),
         None => Ok(None),
@@ -110,6 +156,14 @@ fn from_map(map: Map<String, Value>) -> Intake {
         let reply_to = reply_to?;
         fields.request(id, reply_to)
     });
+    // Checked last so that a valid id still routes the error.
+    let request = match fields.duplicate.take() {
+        Some(key) => Err(ErrorBody::invalid_field(
+            &key,
+            "appears more than once in the request",
+        )),
+        None => request,
+    };
     Intake {
         id: good_id,
         reply_to: good_reply_to,
@@ -119,6 +173,8 @@ fn from_map(map: Map<String, Value>) -> Intake {
 
 struct Fields {
     map: Map<String, Value>,
+    /// A key given twice: it is neither used nor trusted to route an error.
+    duplicate: Option<String>,
 }
 
 impl Fields {
@@ -154,7 +210,11 @@ impl Fields {
 
     /// Takes a field out of the map; `null` counts as absent.
     fn take(&mut self, name: &str) -> Option<Value> {
-        self.map.remove(name).filter(|v| !v.is_null())
+        let value = self.map.remove(name).filter(|v| !v.is_null());
+        if self.duplicate.as_deref() == Some(name) {
+            return None;
+        }
+        value
     }
 
     fn string(&mut self, name: &str) -> Result<Option<String>, ErrorBody> {
@@ -306,6 +366,14 @@ mod tests {
         Limits::default()
     }
 
+    fn replies() -> ReplyFilter {
+        ReplyFilter::for_config(&crate::config::MqttConfig::default())
+    }
+
+    fn parse(payload: &[u8], limits: &Limits) -> Intake {
+        super::parse(payload, limits, &replies())
+    }
+
     fn error_of(payload: &str) -> ErrorBody {
         parse(payload.as_bytes(), &limits()).request.unwrap_err()
     }
@@ -322,13 +390,13 @@ mod tests {
     #[test]
     fn json_request() {
         let payload = r#"{"id":"job-1","prompt":"apple","steps":4,"guidance":7.5,"seed":18446744073709551615,
-            "width":64,"height":64,"return_image":true,"reply_to":"app/replies","negative_prompt":null}"#;
+            "width":64,"height":64,"return_image":true,"reply_to":"edgegen/reply/app","negative_prompt":null}"#;
         let request = parse(payload.as_bytes(), &limits()).request.unwrap();
         assert_eq!(request.id.as_deref(), Some("job-1"));
         assert_eq!(request.steps, Some(4));
         assert_eq!(request.seed, Some(u64::MAX));
         assert!(request.return_image);
-        assert_eq!(request.reply_to.as_deref(), Some("app/replies"));
+        assert_eq!(request.reply_to.as_deref(), Some("edgegen/reply/app"));
         assert_eq!(request.negative_prompt, None);
     }
 
@@ -346,6 +414,9 @@ mod tests {
             (r#"{"id": "../etc"}"#, "id"),
             (r#"{"id": ""}"#, "id"),
             (r#"{"reply_to": "a/#"}"#, "reply_to"),
+            (r#"{"reply_to": "edgegen/kiosk1/request"}"#, "reply_to"),
+            (r#"{"prompt": "x", "prompt": "y"}"#, "prompt"),
+            (r#"{"id": "a", "id": "b"}"#, "id"),
             (r#"{"prompt": "x", "colour": "red"}"#, "colour"),
             (r#"["a"]"#, "payload"),
             (r#"{"prompt": "#, "payload"),
@@ -370,10 +441,30 @@ mod tests {
 
     #[test]
     fn valid_id_and_reply_to_survive_other_errors() {
-        let intake = parse(br#"{"id":"j7","reply_to":"r/1","steps":"x"}"#, &limits());
+        let intake = parse(
+            br#"{"id":"j7","reply_to":"edgegen/reply/1","steps":"x"}"#,
+            &limits(),
+        );
         assert_eq!(intake.id.as_deref(), Some("j7"));
-        assert_eq!(intake.reply_to.as_deref(), Some("r/1"));
+        assert_eq!(intake.reply_to.as_deref(), Some("edgegen/reply/1"));
         assert!(intake.request.is_err());
+    }
+
+    #[test]
+    fn a_duplicated_id_routes_nothing() {
+        let intake = parse(br#"{"id":"a","prompt":"x","id":"b"}"#, &limits());
+        assert_eq!(intake.id, None);
+        assert_eq!(intake.request.unwrap_err().field.as_deref(), Some("id"));
+        let intake = parse(br#"{"id":"a","prompt":"x","prompt":"y"}"#, &limits());
+        assert_eq!(intake.id.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn byte_order_mark_is_ignored() {
+        let request = parse("\u{feff}{\"prompt\":\"x\"}".as_bytes(), &limits())
+            .request
+            .unwrap();
+        assert_eq!(request.prompt.as_deref(), Some("x"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use rumqttc::v5::mqttbytes::v5::Publish;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::mqtt::messages::ErrorBody;
 use crate::mqtt::topics;
 use crate::request::Request;
 
@@ -81,17 +82,26 @@ pub(super) struct Running {
     pub(super) steps: u32,
 }
 
-pub(super) fn response_route(publish: &Publish) -> Option<ResponseRoute> {
-    let properties = publish.properties.as_ref()?;
-    let topic = properties.response_topic.clone()?;
-    if let Err(reason) = topics::check_reply_topic(&topic) {
-        log::warn!("ignoring response topic {topic:?}: it {reason}");
-        return None;
-    }
-    Some(ResponseRoute {
+/// The MQTT 5 response route of a request. A response topic outside
+/// `replies` is an error naming `response_topic`: the request is refused
+/// (its error goes to the job topic), never answered there.
+pub(super) fn response_route(
+    publish: &Publish,
+    replies: &topics::ReplyFilter,
+) -> Result<Option<ResponseRoute>, ErrorBody> {
+    let Some(properties) = publish.properties.as_ref() else {
+        return Ok(None);
+    };
+    let Some(topic) = properties.response_topic.clone() else {
+        return Ok(None);
+    };
+    replies
+        .check(&topic)
+        .map_err(|reason| ErrorBody::invalid_field("response_topic", reason))?;
+    Ok(Some(ResponseRoute {
         topic,
         correlation_hex: properties.correlation_data.as_ref().map(|d| to_hex(d)),
-    })
+    }))
 }
 
 /// Topic, payload digest and packet id: what a broker's redelivery repeats.

@@ -32,10 +32,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use crate::bundle;
 use crate::config::Config;
 use crate::mqtt::client::{self, Backoff, ClientEvent, ConnectSettings, Endpoint};
+use crate::mqtt::home_assistant;
 use crate::mqtt::messages::{
     ErrorBody, ErrorCode, ImageInfo, JobResult, JobState, Status, OFFLINE, ONLINE,
 };
-use crate::mqtt::topics::{self, Inbound, Topics};
+use crate::mqtt::topics::{self, Inbound, ReplyFilter, Topics};
 use crate::request::Request;
 use crate::retention;
 use crate::spool::{Spool, Spooled};
@@ -57,6 +58,14 @@ const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 const CLIENT_CHANNEL: usize = 1024;
 /// How long shutdown waits for queued results to reach the broker.
 const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(3);
+/// Fleet work is taken only while fewer jobs than this are unfinished here
+/// (one running, one ready to start), so that a busy node leaves the group's
+/// requests to idle ones.
+const FLEET_UNFINISHED: usize = 2;
+/// MQTT 5 Receive Maximum in fleet mode: fleet requests this node holds
+/// unacknowledged count against it, so a broker that balances by in-flight
+/// window (HiveMQ, EMQX) sends further work elsewhere.
+const FLEET_RECEIVE_MAXIMUM: u16 = 4;
 /// Failed and cancelled results kept in memory for `Gateway::lookup` (done
 /// ones are found in storage).
 const RECENT_RESULTS: usize = 64;
@@ -92,22 +101,33 @@ pub async fn shutdown_signal() {
 /// `offline` and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let config = with_absolute_dirs(config)?;
-    if config.mqtt.home_assistant {
-        log::warn!(
-            "mqtt.home_assistant is set, but Home Assistant discovery is not implemented yet"
-        );
-    }
     let node = topics::node_id(&config.mqtt.node_id);
     let topics = Topics::new(&config.mqtt.prefix, &node)?;
     check_shared_group(&config.mqtt.shared_group)?;
+    ReplyFilter::for_config(&config.mqtt).validate()?;
     let output_dir = &config.storage.output_dir;
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("creating {}", output_dir.display()))?;
     retention::sweep_temporaries(output_dir)?;
     let (spool, restored) = Spool::open::<SpooledJob>(&config.storage.state_dir.join("spool"))?;
 
+    let (gateway, local) = local::channel();
+    // Before any connection is made, so that a taken port stops the start
+    // cleanly. Requests wait in the gateway until the daemon's loop runs.
+    let kiosk = if config.kiosk.enabled {
+        let models_config = config.clone();
+        let source: crate::kiosk::ModelsSource = Arc::new(move || models_message(&models_config));
+        let settings = crate::kiosk::KioskSettings::from_config(&config, source);
+        Some(crate::kiosk::start(settings, gateway).await?)
+    } else {
+        None
+    };
+
     let broker = match config.mqtt.broker.as_str() {
-        "embedded" => Some(crate::broker::start(&config.mqtt.listen).await?),
+        "embedded" => {
+            let login = crate::broker::credentials(&config.mqtt)?;
+            Some(crate::broker::start(&config.mqtt.listen, login).await?)
+        }
         _ => None,
     };
     let settings = connect_settings(&config, &topics, &node, broker.as_ref())?;
@@ -128,8 +148,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.models.default.clone(),
     )?;
 
-    let (gateway, local) = local::channel();
-    let _front_ends = gateway;
     let local::GatewayEnd {
         commands: mut local_commands,
         events,
@@ -148,6 +166,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stopping: false,
         events,
         recent: VecDeque::new(),
+        held: VecDeque::new(),
     };
     daemon.restore(restored);
     let inputs = Inputs {
@@ -156,6 +175,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         local: &mut local_commands,
     };
     let served = daemon.serve(shutdown, inputs).await;
+    // Local requests still waiting are answered "shutting down" (their reply
+    // channels drop with the queue), so the kiosk has nothing left to wait for.
+    drop(local_commands);
+    if let Some(kiosk) = kiosk {
+        kiosk.stop().await;
+    }
     daemon
         .stop(&mut mqtt_events, &mut worker_events, mqtt_task)
         .await;
@@ -199,13 +224,17 @@ fn connect_settings(
                 tls: false,
             },
             client_id,
-        ),
+        )
+        .with_credentials(&config.mqtt)?,
         None => ConnectSettings::new(client::parse_broker_url(&config.mqtt.broker)?, client_id)
             .with_credentials(&config.mqtt)?,
     };
     settings.persistent = true;
     settings.manual_acks = true;
     settings.relay_socket = Some(config.storage.state_dir.join("mqtt.sock"));
+    if !config.mqtt.shared_group.is_empty() {
+        settings.receive_maximum = Some(FLEET_RECEIVE_MAXIMUM);
+    }
     settings.last_will = Some((topics.availability(), OFFLINE.as_bytes().to_vec()));
     // Room for requests somewhat over the limit, so they get a `too_large` answer
     // instead of being dropped by the broker.
@@ -231,6 +260,9 @@ struct Daemon {
     stopping: bool,
     events: tokio::sync::broadcast::Sender<JobEvent>,
     recent: VecDeque<JobResult>,
+    /// Fleet requests received while busy, not yet acknowledged: the broker
+    /// keeps them (and redelivers them after a crash) until this node takes them.
+    held: VecDeque<Publish>,
 }
 
 /// A request turned away, and where its error result goes.
@@ -274,6 +306,7 @@ impl Daemon {
                 _ = retention_tick.tick() => self.run_retention().await,
                 _ = flush_tick.tick() => {}
             }
+            self.take_held().await;
             self.dispatch_next();
             self.flush();
         }
@@ -381,17 +414,29 @@ impl Daemon {
                 log::info!("connected to MQTT broker (session present: {session_present})");
                 self.on_connected(max_packet);
             }
-            ClientEvent::Disconnected(_) => self.outbox.set_connected(false, None),
+            ClientEvent::Disconnected(_) => {
+                self.outbox.set_connected(false, None);
+                // The broker redelivers unacknowledged messages on the next connection.
+                self.held.clear();
+            }
             ClientEvent::Subscribed => {}
             ClientEvent::Publish(publish) => {
                 let topic = String::from_utf8_lossy(&publish.topic).into_owned();
                 match self.topics.classify(&topic) {
-                    Inbound::Request if self.stopping => {
+                    Inbound::Request | Inbound::FleetRequest if self.stopping => {
                         // Not acknowledged: the broker keeps it for the next session.
                         return;
                     }
-                    Inbound::Request => self.on_request(&publish),
+                    Inbound::FleetRequest if !self.takes_fleet_work() => {
+                        log::debug!("busy: holding fleet request (message {})", publish.pkid);
+                        self.held.push_back(publish);
+                        return;
+                    }
+                    Inbound::Request | Inbound::FleetRequest => self.on_request(&publish),
                     Inbound::Cancel => self.on_cancel(&publish),
+                    Inbound::Other if topic == home_assistant::STATUS_TOPIC => {
+                        self.on_home_assistant_status(&publish)
+                    }
                     Inbound::Other => log::debug!("ignoring message on {topic}"),
                 }
                 self.ack(&publish).await;
@@ -421,7 +466,48 @@ impl Daemon {
                 .reliable(&self.topics.models(), payload, true, None, None),
             Err(err) => log::error!("encoding the models message: {err}"),
         }
+        if self.config.mqtt.home_assistant {
+            self.outbox
+                .subscribe(home_assistant::STATUS_TOPIC.to_string());
+            self.publish_discovery();
+        }
         self.publish_stats();
+    }
+
+    fn takes_fleet_work(&self) -> bool {
+        self.unfinished() < FLEET_UNFINISHED
+    }
+
+    /// Takes held fleet requests as far as this node has become free.
+    async fn take_held(&mut self) {
+        while !self.stopping && self.takes_fleet_work() {
+            let Some(publish) = self.held.pop_front() else {
+                return;
+            };
+            self.on_request(&publish);
+            self.ack(&publish).await;
+        }
+    }
+
+    fn on_home_assistant_status(&mut self, publish: &Publish) {
+        if self.config.mqtt.home_assistant
+            && publish.payload.as_ref() == home_assistant::BIRTH.as_bytes()
+        {
+            log::info!("Home Assistant came online; publishing discovery again");
+            self.publish_discovery();
+        }
+    }
+
+    fn publish_discovery(&mut self) {
+        let max_prompt_chars = self.config.limits.max_prompt_chars;
+        for message in home_assistant::discovery(&self.topics, max_prompt_chars) {
+            match serde_json::to_vec(&message.payload) {
+                Ok(payload) => self
+                    .outbox
+                    .reliable(&message.topic, payload, true, None, None),
+                Err(err) => log::error!("encoding {}: {err}", message.topic),
+            }
+        }
     }
 
     async fn ack(&self, publish: &Publish) {
@@ -438,7 +524,11 @@ impl Daemon {
 
     fn on_request(&mut self, publish: &Publish) {
         let received = Instant::now();
-        let response = response_route(publish);
+        let replies = ReplyFilter::for_config(&self.config.mqtt);
+        let (response, refused_response) = match response_route(publish, &replies) {
+            Ok(response) => (response, None),
+            Err(error) => (None, Some(error)),
+        };
         let delivery = delivery_key(publish);
         if publish.dup && self.has_delivery(&delivery) {
             log::info!(
@@ -447,8 +537,12 @@ impl Daemon {
             );
             return;
         }
-        let intake = intake::parse(&publish.payload, &self.config.limits);
-        let admitted = match intake.request {
+        let intake = intake::parse(&publish.payload, &self.config.limits, &replies);
+        let request = match refused_response {
+            Some(error) => Err(error),
+            None => intake.request,
+        };
+        let admitted = match request {
             Ok(request) => self.admit(request, response, Some(delivery), received),
             Err(error) => Err(Rejection {
                 routes: Routes {
@@ -470,7 +564,8 @@ impl Daemon {
         match command {
             local::Command::Submit { payload, answer } => {
                 let received = Instant::now();
-                let admitted = intake::parse(&payload, &self.config.limits)
+                let replies = ReplyFilter::for_config(&self.config.mqtt);
+                let admitted = intake::parse(&payload, &self.config.limits, &replies)
                     .request
                     .and_then(|request| {
                         self.admit(request, None, None, received)
@@ -524,7 +619,7 @@ impl Daemon {
             Ok(None) => {}
             Err(err) => log::warn!("looking up a stored result for {id}: {err:#}"),
         }
-        let unfinished = self.queue.len() + usize::from(self.running.is_some());
+        let unfinished = self.unfinished();
         if unfinished >= self.config.limits.queue {
             let message = format!(
                 "{unfinished} jobs are waiting, at most {} allowed",
@@ -751,6 +846,14 @@ impl Daemon {
                 if job.spooled.request.return_image {
                     self.publish_images(&id, &result.images);
                 }
+                if let Some(first) = result
+                    .images
+                    .first()
+                    .filter(|_| self.config.mqtt.home_assistant)
+                {
+                    let topic = self.topics.latest_image();
+                    self.publish_file(&topic, &first.path, true);
+                }
                 let steps = result.steps.unwrap_or(steps);
                 self.status(&id, JobState::Done, steps, steps, 0, true);
                 result
@@ -889,22 +992,25 @@ impl Daemon {
     fn publish_images(&mut self, id: &str, images: &[ImageInfo]) {
         for (index, image) in images.iter().enumerate() {
             let topic = self.topics.job_image(id, index);
-            match std::fs::read(&image.path) {
-                Ok(png) if self.outbox.fits(&topic, png.len()) => {
-                    self.outbox.reliable(&topic, png, false, None, None)
-                }
-                Ok(png) => log::warn!(
-                    "{}: {} bytes exceed the broker's packet limit; not sent",
-                    image.path,
-                    png.len()
-                ),
-                Err(err) => log::warn!("cannot read {} to publish it: {err}", image.path),
+            self.publish_file(&topic, &image.path, false);
+        }
+    }
+
+    fn publish_file(&mut self, topic: &str, path: &str, retain: bool) {
+        match std::fs::read(path) {
+            Ok(png) if self.outbox.fits(topic, png.len()) => {
+                self.outbox.reliable(topic, png, retain, None, None)
             }
+            Ok(png) => log::warn!(
+                "{path}: {} bytes exceed the broker's packet limit; not sent",
+                png.len()
+            ),
+            Err(err) => log::warn!("cannot read {path} to publish it: {err}"),
         }
     }
 
     fn publish_stats(&mut self) {
-        let unfinished = self.queue.len() + usize::from(self.running.is_some());
+        let unfinished = self.unfinished();
         let running = self.running.as_ref().map(|r| r.job.id().to_string());
         let stats = self.stats.message(unfinished, running);
         if let Ok(payload) = serde_json::to_vec(&stats) {
@@ -925,6 +1031,11 @@ impl Daemon {
         if let Err(err) = blocking(|| self.spool.remove(path)) {
             log::error!("{err:#}");
         }
+    }
+
+    /// Accepted jobs not finished yet, the running one included.
+    fn unfinished(&self) -> usize {
+        self.queue.len() + usize::from(self.running.is_some())
     }
 
     /// The status of a queued or running job.

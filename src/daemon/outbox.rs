@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
-use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Filter, Publish, PublishProperties, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
 
@@ -154,7 +154,7 @@ impl Outbox {
                 }
                 Item::Subscribe(filter) => self
                     .client
-                    .try_subscribe(filter.clone(), QoS::AtLeastOnce)
+                    .try_subscribe_many([command_filter(filter)])
                     .is_ok(),
             };
             if !sent {
@@ -170,4 +170,14 @@ impl Outbox {
         }
         done
     }
+}
+
+/// The daemon subscribes only to command topics (requests, cancels). A
+/// retained message there is a replay of an old command, sent again on every
+/// new subscription, so it is never forwarded: a stale or junk retained
+/// request must not run (or be answered) once per reconnect.
+fn command_filter(filter: &str) -> Filter {
+    let mut filter = Filter::new(filter, QoS::AtLeastOnce);
+    filter.retain_forward_rule = RetainForwardRule::Never;
+    filter
 }

@@ -101,6 +101,9 @@ pub struct ConnectSettings {
     pub keep_alive: Duration,
     /// Unix socket for a relay that sets `TCP_NODELAY` (plain TCP brokers only).
     pub relay_socket: Option<PathBuf>,
+    /// QoS 1 messages the broker may have in flight to us at once (MQTT 5
+    /// Receive Maximum); `None` leaves the broker's default.
+    pub receive_maximum: Option<u16>,
 }
 
 impl ConnectSettings {
@@ -117,6 +120,7 @@ impl ConnectSettings {
             max_incoming_packet: 16 << 20,
             keep_alive: Duration::from_secs(30),
             relay_socket: None,
+            receive_maximum: None,
         }
     }
 
@@ -158,6 +162,7 @@ impl ConnectSettings {
         options.set_manual_acks(self.manual_acks);
         let mut properties = ConnectProperties::new();
         properties.max_packet_size = Some(self.max_incoming_packet);
+        properties.receive_maximum = self.receive_maximum;
         if self.persistent {
             // MQTT 5 ends a session when the connection closes unless an expiry is given.
             properties.session_expiry_interval = Some(u32::MAX);
@@ -193,7 +198,7 @@ impl ConnectSettings {
     }
 }
 
-fn read_password(path: &Path) -> Result<String> {
+pub(crate) fn read_password(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read mqtt.password_file {}", path.display()))?;
     // The first line; a trailing newline (as editors write it) is not part of the password.

@@ -239,6 +239,9 @@ pub struct StatsMessage {
     pub rejected: u64,
     pub models: BTreeMap<String, ModelStats>,
     pub uptime_s: u64,
+    /// Generation time of the last finished job; `null` before the first.
+    #[serde(default)]
+    pub last_ms: Option<f64>,
 }
 
 /// `<prefix>/<node>/cancel`: `{"id": "..."}` (a bare id is accepted too).

@@ -2,6 +2,7 @@
 //! `edgegen request` client.
 
 pub mod client;
+pub mod home_assistant;
 pub mod messages;
 pub mod relay;
 pub mod requester;

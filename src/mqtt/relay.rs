@@ -84,9 +84,14 @@ async fn serve(listener: UnixListener, target: String) {
 /// Copies both ways until either side closes; a broker that cannot be reached
 /// closes the client's side at once, which it sees as a failed connection.
 async fn relay(mut client: UnixStream, target: &str) -> Result<()> {
-    let mut broker = TcpStream::connect(target)
-        .await
-        .with_context(|| format!("connecting to {target}"))?;
+    let mut broker = match TcpStream::connect(target).await {
+        Ok(broker) => broker,
+        Err(err) => {
+            // The client only sees its side close; this line says why.
+            log::warn!("cannot reach the MQTT broker at {target}: {err}");
+            return Ok(());
+        }
+    };
     broker.set_nodelay(true).context("setting TCP_NODELAY")?;
     tokio::io::copy_bidirectional(&mut client, &mut broker).await?;
     Ok(())

@@ -29,6 +29,8 @@ pub struct RequestOptions {
     pub broker: Option<String>,
     /// Node id of the daemon; default: `mqtt.node_id` or this host's name.
     pub node: Option<String>,
+    /// Publish to the fleet topic; the result comes from whichever node took it.
+    pub fleet: bool,
     /// Where to save the picture; default `<id>.png` in the current directory.
     pub output: Option<PathBuf>,
     pub timeout: Duration,
@@ -39,6 +41,8 @@ pub struct RequestOptions {
 pub struct Answer {
     pub result: JobResult,
     pub saved: Option<PathBuf>,
+    /// The node that answered.
+    pub node: String,
 }
 
 /// The daemon answered with an error result.
@@ -115,6 +119,7 @@ async fn request(config: &Config, options: RequestOptions) -> Result<Answer> {
     let follow = Follow {
         topics: &topics,
         id: &id,
+        fleet: options.fleet,
         client: &client,
         payload,
         progress: progress_bar(),
@@ -122,12 +127,19 @@ async fn request(config: &Config, options: RequestOptions) -> Result<Answer> {
     let outcome = tokio::time::timeout(options.timeout, follow.run(&mut events)).await;
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-    let (result, image) = match outcome {
+    let (result, image, node) = match outcome {
         Ok(answer) => answer?,
-        Err(_) => bail!(
-            "no result for job {id} from node '{node}' within {} s (is `edgegen serve` running and connected to {broker}?)",
-            options.timeout.as_secs()
-        ),
+        Err(_) => {
+            let from = if options.fleet {
+                "any node of the fleet".to_string()
+            } else {
+                format!("node '{node}'")
+            };
+            bail!(
+                "no result for job {id} from {from} within {} s (is `edgegen serve` running and connected to {broker}?)",
+                options.timeout.as_secs()
+            )
+        }
     };
     if let Some(error) = result.error.clone() {
         return Err(Refused(error).into());
@@ -139,12 +151,17 @@ async fn request(config: &Config, options: RequestOptions) -> Result<Answer> {
             .output
             .unwrap_or_else(|| PathBuf::from(format!("{id}.png"))),
     )?;
-    Ok(Answer { result, saved })
+    Ok(Answer {
+        result,
+        saved,
+        node,
+    })
 }
 
 struct Follow<'a> {
     topics: &'a Topics,
     id: &'a str,
+    fleet: bool,
     client: &'a AsyncClient,
     payload: Vec<u8>,
     progress: ProgressBar,
@@ -152,11 +169,12 @@ struct Follow<'a> {
 
 impl Follow<'_> {
     /// Subscribes to the job's topics, publishes the request once subscribed,
-    /// and collects messages until the result arrives.
+    /// and collects messages until the result arrives: the result, the
+    /// picture and the node that answered.
     async fn run(
         &self,
         events: &mut UnboundedReceiver<ClientEvent>,
-    ) -> Result<(JobResult, Option<Vec<u8>>)> {
+    ) -> Result<(JobResult, Option<Vec<u8>>, String)> {
         let mut published = false;
         let mut image = None;
         while let Some(event) = events.recv().await {
@@ -164,17 +182,17 @@ impl Follow<'_> {
                 ClientEvent::Connected { .. } => {
                     // A clean session: after a reconnect the subscription must be made again.
                     self.client
-                        .subscribe(self.topics.job_filter(self.id), QoS::AtLeastOnce)
+                        .subscribe(self.job_filter(), QoS::AtLeastOnce)
                         .await?;
                 }
                 ClientEvent::Subscribed if !published => {
+                    let destination = if self.fleet {
+                        self.topics.fleet_request()
+                    } else {
+                        self.topics.request()
+                    };
                     self.client
-                        .publish(
-                            self.topics.request(),
-                            QoS::AtLeastOnce,
-                            false,
-                            self.payload.clone(),
-                        )
+                        .publish(destination, QoS::AtLeastOnce, false, self.payload.clone())
                         .await?;
                     published = true;
                     self.progress.set_message("sent");
@@ -184,9 +202,9 @@ impl Follow<'_> {
                     .progress
                     .set_message(format!("reconnecting ({reason})")),
                 ClientEvent::Publish(publish) => {
-                    if let Some(result) = self.on_message(&publish, &mut image)? {
+                    if let Some(answer) = self.on_message(&publish, &mut image)? {
                         self.progress.finish_and_clear();
-                        return Ok((result, image));
+                        return Ok((answer.0, image, answer.1));
                     }
                 }
             }
@@ -194,20 +212,37 @@ impl Follow<'_> {
         bail!("MQTT connection closed")
     }
 
+    /// The job's topics on its node; in fleet mode on any node, as the
+    /// request goes to whichever daemon of the group takes it.
+    fn job_filter(&self) -> String {
+        if self.fleet {
+            format!("{}/+/job/{}/#", self.topics.prefix(), self.id)
+        } else {
+            self.topics.job_filter(self.id)
+        }
+    }
+
+    /// The result and the node that sent it, once it arrives.
     fn on_message(
         &self,
         publish: &Publish,
         image: &mut Option<Vec<u8>>,
-    ) -> Result<Option<JobResult>> {
+    ) -> Result<Option<(JobResult, String)>> {
         let topic = String::from_utf8_lossy(&publish.topic);
-        if topic == self.topics.job_result(self.id) {
+        let Some(node) = topic.split('/').nth(1) else {
+            return Ok(None);
+        };
+        let Ok(sender) = Topics::new(self.topics.prefix(), node) else {
+            return Ok(None);
+        };
+        if topic == sender.job_result(self.id) {
             let result: JobResult =
                 serde_json::from_slice(&publish.payload).context("parsing the result")?;
-            return Ok(Some(result));
+            return Ok(Some((result, node.to_string())));
         }
-        if topic == self.topics.job_image(self.id, 0) {
+        if topic == sender.job_image(self.id, 0) {
             *image = Some(publish.payload.to_vec());
-        } else if topic == self.topics.job_status(self.id) {
+        } else if topic == sender.job_status(self.id) {
             if let Ok(status) = serde_json::from_slice::<Status>(&publish.payload) {
                 self.show(&status);
             }

@@ -14,6 +14,8 @@ pub struct Topics {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inbound {
     Request,
+    /// A request on the fleet topic, delivered through the shared subscription.
+    FleetRequest,
     Cancel,
     Other,
 }
@@ -93,9 +95,16 @@ impl Topics {
         self.node_topic("models")
     }
 
+    /// The last picture the node made (retained; for Home Assistant's image entity).
+    pub fn latest_image(&self) -> String {
+        self.node_topic("latest/image")
+    }
+
     pub fn classify(&self, topic: &str) -> Inbound {
-        if topic == self.request() || topic == self.fleet_request() {
+        if topic == self.request() {
             Inbound::Request
+        } else if topic == self.fleet_request() {
+            Inbound::FleetRequest
         } else if topic == self.cancel() {
             Inbound::Cancel
         } else {
@@ -142,8 +151,73 @@ pub fn node_id(configured: &str) -> String {
     sanitize_node_id(&gethostname::gethostname().to_string_lossy())
 }
 
+/// Where clients may have the daemon publish their answers (`reply_to`, MQTT 5
+/// Response Topic): an MQTT topic filter, `<prefix>/reply/#` unless
+/// `mqtt.reply_filter` says otherwise.
+///
+/// Without it a client could make the daemon publish into any topic the
+/// daemon may write but the client may not (a confused deputy): another
+/// node's request topic, a retained state topic, a topic a third party reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplyFilter(String);
+
+impl ReplyFilter {
+    /// The configured filter, or `<prefix>/reply/#` when `mqtt.reply_filter` is empty.
+    pub fn for_config(mqtt: &crate::config::MqttConfig) -> ReplyFilter {
+        if mqtt.reply_filter.is_empty() {
+            ReplyFilter(format!("{}/reply/#", mqtt.prefix))
+        } else {
+            ReplyFilter(mqtt.reply_filter.clone())
+        }
+    }
+
+    /// Fails when the filter is not a valid MQTT topic filter.
+    pub fn validate(&self) -> Result<()> {
+        let filter = &self.0;
+        if !rumqttc::v5::mqttbytes::valid_filter(filter) || filter.contains('\0') {
+            bail!("mqtt.reply_filter '{filter}' is not a valid MQTT topic filter");
+        }
+        if filter.starts_with('$') {
+            bail!("mqtt.reply_filter '{filter}' must not be a '$' system topic");
+        }
+        Ok(())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Checks a topic a request names for its answer.
+    pub fn check(&self, topic: &str) -> Result<(), String> {
+        check_reply_topic(topic)?;
+        if !filter_matches(&self.0, topic) {
+            return Err(format!(
+                "'{topic}' is not under '{}' (mqtt.reply_filter), where replies may go",
+                self.0
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// MQTT matching of a topic name against a filter: `+` is one level, a final
+/// `#` is the rest (including none).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let mut topic_levels = topic.split('/');
+    for level in filter.split('/') {
+        if level == "#" {
+            return true;
+        }
+        match topic_levels.next() {
+            Some(t) if level == "+" || level == t => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
 /// A topic a client may name for replies: non-empty, no wildcards, not a `$` system topic.
-pub fn check_reply_topic(topic: &str) -> Result<(), String> {
+fn check_reply_topic(topic: &str) -> Result<(), String> {
     if topic.is_empty() {
         return Err("is empty".into());
     }
@@ -182,7 +256,7 @@ mod tests {
             t.shared_request("edgegen"),
             "$share/edgegen/edgegen/request"
         );
-        assert_eq!(t.classify("edgegen/request"), Inbound::Request);
+        assert_eq!(t.classify("edgegen/request"), Inbound::FleetRequest);
         assert_eq!(t.classify("edgegen/kiosk1/cancel"), Inbound::Cancel);
         assert_eq!(t.classify("edgegen/other/request"), Inbound::Other);
     }
@@ -197,9 +271,34 @@ mod tests {
 
     #[test]
     fn reply_topics() {
-        assert!(check_reply_topic("app/replies/7").is_ok());
-        assert!(check_reply_topic("app/+/x").is_err());
-        assert!(check_reply_topic("$SYS/x").is_err());
-        assert!(check_reply_topic("").is_err());
+        let mut mqtt = crate::config::MqttConfig::default();
+        let default = ReplyFilter::for_config(&mqtt);
+        assert_eq!(default.as_str(), "edgegen/reply/#");
+        assert!(default.validate().is_ok());
+        assert!(default.check("edgegen/reply/app/7").is_ok());
+        assert!(default.check("edgegen/reply").is_ok());
+        assert!(default.check("app/replies/7").is_err());
+        assert!(default.check("edgegen/kiosk1/request").is_err());
+        assert!(default.check("edgegen/reply/+/x").is_err());
+        assert!(default.check("edgegen/reply/a\0").is_err());
+        assert!(default.check("").is_err());
+        mqtt.reply_filter = "#".into();
+        let any = ReplyFilter::for_config(&mqtt);
+        assert!(any.check("app/replies/7").is_ok());
+        assert!(any.check("$SYS/x").is_err());
+        mqtt.reply_filter = "apps/+/replies".into();
+        let one_level = ReplyFilter::for_config(&mqtt);
+        assert!(one_level.check("apps/a/replies").is_ok());
+        assert!(one_level.check("apps/a/replies/x").is_err());
+        assert!(one_level.check("apps/replies").is_err());
+        for bad in ["a/#/b", "a+/b", "$SYS/#", ""] {
+            mqtt.reply_filter = bad.into();
+            // An empty key means the default, which is valid.
+            assert_eq!(
+                ReplyFilter::for_config(&mqtt).validate().is_ok(),
+                bad.is_empty(),
+                "{bad}"
+            );
+        }
     }
 }

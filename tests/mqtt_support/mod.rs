@@ -113,9 +113,14 @@ impl Mosquitto {
 
     /// `extra` is appended to the configuration (with per-listener settings on).
     pub fn start_with(dir: &Path, extra: &str) -> Mosquitto {
+        Mosquitto::start_on(dir, free_port(), extra)
+    }
+
+    /// On a given port (e.g. one a daemon is already trying to reach).
+    pub fn start_on(dir: &Path, port: u16, extra: &str) -> Mosquitto {
         fs::create_dir_all(dir).expect("mosquitto dir");
         let mut broker = Mosquitto {
-            port: free_port(),
+            port,
             dir: dir.to_path_buf(),
             extra: extra.to_string(),
             child: None,
@@ -214,6 +219,15 @@ pub struct DaemonConfig {
     pub shared_group: String,
     /// Lines for `[mqtt]` (credentials, CA file).
     pub mqtt_extra: String,
+    /// `Some(host:port)`: also serve the kiosk page and HTTP API there.
+    pub kiosk_listen: Option<String>,
+    /// `models.dir`; the repository's `models/` unless set.
+    pub models_dir: Option<PathBuf>,
+    /// `models.default`.
+    pub default_model: String,
+    /// `storage.output_dir` and `storage.state_dir`; under the daemon's directory unless set.
+    pub output_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -228,6 +242,11 @@ impl DaemonConfig {
             threads: 1,
             shared_group: String::new(),
             mqtt_extra: String::new(),
+            kiosk_listen: None,
+            models_dir: None,
+            default_model: "tiny-random-sd".into(),
+            output_dir: None,
+            state_dir: None,
         }
     }
 
@@ -235,7 +254,7 @@ impl DaemonConfig {
         format!(
             r#"[models]
 dir = "{models}"
-default = "tiny-random-sd"
+default = "{default_model}"
 
 [engine]
 threads = {threads}
@@ -253,22 +272,44 @@ max_payload_bytes = {max_payload}
 max_prompt_chars = 200
 
 [storage]
-output_dir = "{dir}/images"
-state_dir = "{dir}/state"
+output_dir = "{output_dir}"
+state_dir = "{state_dir}"
 max_bytes = {max_bytes}
-"#,
-            models = repo().join("models").display(),
+{kiosk}"#,
+            models = self
+                .models_dir
+                .clone()
+                .unwrap_or_else(|| repo().join("models"))
+                .display(),
+            default_model = self.default_model,
+            output_dir = self
+                .output_dir
+                .clone()
+                .unwrap_or_else(|| dir.join("images"))
+                .display(),
+            state_dir = self
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| dir.join("state"))
+                .display(),
             broker = self.broker,
             listen = self.listen,
             node = self.node,
             queue = self.queue,
             max_payload = self.max_payload_bytes,
-            dir = dir.display(),
             max_bytes = self.max_bytes,
             threads = self.threads,
             shared_group = self.shared_group,
             mqtt_extra = self.mqtt_extra,
+            kiosk = self.kiosk_section(),
         )
+    }
+
+    fn kiosk_section(&self) -> String {
+        match &self.kiosk_listen {
+            Some(listen) => format!("\n[kiosk]\nenabled = true\nlisten = \"{listen}\"\n"),
+            None => String::new(),
+        }
     }
 }
 
@@ -333,11 +374,18 @@ impl Daemon {
     }
 
     pub fn output_dir(&self) -> PathBuf {
-        self.dir.join("images")
+        self.config
+            .output_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join("images"))
     }
 
     pub fn spool_dir(&self) -> PathBuf {
-        self.dir.join("state/spool")
+        self.config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join("state"))
+            .join("spool")
     }
 
     pub fn spool_files(&self) -> Vec<PathBuf> {
@@ -350,6 +398,41 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// Resident memory of the daemon process (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// The exit status if the daemon ends by itself within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let status = wait_exit(self.child.as_mut().expect("running"), timeout);
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
+    /// Waits until the log contains `text` (panics with the log after `timeout`).
+    pub fn wait_log(&self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the daemon log after {timeout:?}:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGTERM, then the exit status (panics after 30 s).
@@ -447,7 +530,20 @@ pub struct Probe {
 impl Probe {
     /// `persistent`: the broker keeps our subscriptions and queued messages while we are away.
     pub fn connect(port: u16, client_id: &str, persistent: bool) -> Probe {
+        Probe::connect_as(port, client_id, persistent, None)
+    }
+
+    /// With a username and password.
+    pub fn connect_as(
+        port: u16,
+        client_id: &str,
+        persistent: bool,
+        credentials: Option<(&str, &str)>,
+    ) -> Probe {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+        if let Some((user, password)) = credentials {
+            options.set_credentials(user, password);
+        }
         options.set_keep_alive(Duration::from_secs(5));
         options.set_clean_start(!persistent);
         options.set_max_packet_size(Some(64 << 20));
@@ -537,6 +633,12 @@ impl Probe {
     pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .expect("publish");
+    }
+
+    pub fn publish_retained(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.into())
             .expect("publish");
     }
 
