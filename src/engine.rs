@@ -329,7 +329,7 @@ impl OnnxModel {
         } else {
             tensor
         };
-        Ok(tensor.into_shape(&shape)?)
+        tensor.into_shape(&shape)
     }
 
     /// Reconciles a given shape with the declared rank: a one-element value

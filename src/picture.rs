@@ -120,7 +120,7 @@ pub fn read_parameters(png_bytes: &[u8]) -> Result<Option<String>> {
     {
         return Ok(Some(chunk.text.clone()));
     }
-    for chunk in info.utf8_text.iter().filter(|c| c.keyword == "parameters") {
+    if let Some(chunk) = info.utf8_text.iter().find(|c| c.keyword == "parameters") {
         return Ok(Some(chunk.get_text()?));
     }
     Ok(None)

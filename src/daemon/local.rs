@@ -19,7 +19,7 @@ const EVENTS: usize = 256;
 #[serde(untagged)]
 pub enum JobEvent {
     Status(Status),
-    Result(JobResult),
+    Result(Box<JobResult>),
 }
 
 impl JobEvent {

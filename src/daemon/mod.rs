@@ -544,14 +544,14 @@ impl Daemon {
         };
         let admitted = match request {
             Ok(request) => self.admit(request, response, Some(delivery), received),
-            Err(error) => Err(Rejection {
+            Err(error) => Err(Box::new(Rejection {
                 routes: Routes {
                     id: intake.id.unwrap_or_else(intake::new_id),
                     reply_to: intake.reply_to,
                     response,
                 },
                 error,
-            }),
+            })),
         };
         if let Err(rejection) = admitted {
             self.reject(&rejection.routes, rejection.error);
@@ -592,7 +592,7 @@ impl Daemon {
         response: Option<ResponseRoute>,
         delivery: Option<String>,
         received: Instant,
-    ) -> Result<String, Rejection> {
+    ) -> Result<String, Box<Rejection>> {
         let id = request.id.clone().unwrap_or_else(intake::new_id);
         request.id = Some(id.clone());
         let routes = Routes {
@@ -626,11 +626,11 @@ impl Daemon {
                 self.config.limits.queue
             );
             let error = ErrorBody::new(ErrorCode::Busy, message);
-            return Err(Rejection { routes, error });
+            return Err(Box::new(Rejection { routes, error }));
         }
         let (model, steps) = match blocking(|| self.check_model(&request)) {
             Ok(checked) => checked,
-            Err(error) => return Err(Rejection { routes, error }),
+            Err(error) => return Err(Box::new(Rejection { routes, error })),
         };
         let spooled = SpooledJob {
             id: id.clone(),
@@ -650,7 +650,7 @@ impl Daemon {
                     ErrorCode::Internal
                 };
                 let error = ErrorBody::new(code, format!("{err:#}"));
-                return Err(Rejection { routes, error });
+                return Err(Box::new(Rejection { routes, error }));
             }
         };
         self.queue.push_back(Job {
@@ -942,7 +942,7 @@ impl Daemon {
             }
             self.recent.push_back(result.clone());
         }
-        let _ = self.events.send(JobEvent::Result(result.clone()));
+        let _ = self.events.send(JobEvent::Result(Box::new(result.clone())));
     }
 
     fn send_result(
@@ -1069,10 +1069,10 @@ impl Daemon {
             return Some(JobEvent::Status(status));
         }
         if let Some(result) = self.recent.iter().rev().find(|r| r.id == id) {
-            return Some(JobEvent::Result(result.clone()));
+            return Some(JobEvent::Result(Box::new(result.clone())));
         }
         match blocking(|| stored::find(&self.config.storage.output_dir, id)) {
-            Ok(found) => found.map(JobEvent::Result),
+            Ok(found) => found.map(|result| JobEvent::Result(Box::new(result))),
             Err(err) => {
                 log::warn!("looking up a stored result for {id}: {err:#}");
                 None

@@ -280,7 +280,7 @@ mod tests {
             map
         };
         let host = (header::HOST, "127.0.0.1:8080");
-        assert!(check_same_origin(&headers(&[host.clone()])).is_ok());
+        assert!(check_same_origin(&headers(std::slice::from_ref(&host))).is_ok());
         let same = (header::ORIGIN, "http://127.0.0.1:8080");
         assert!(check_same_origin(&headers(&[host.clone(), same])).is_ok());
         for origin in ["http://evil.example", "null", "http://127.0.0.1:9999"] {

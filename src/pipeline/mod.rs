@@ -90,6 +90,8 @@ pub struct LoadOptions {
 }
 
 /// A loaded model of either kind.
+// One value per loaded model, built once and kept: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Pipeline {
     Diffusion(DiffusionPipeline),
     Gan(GanPipeline),
