@@ -815,8 +815,10 @@ impl Daemon {
                 if running.job.id() != id {
                     log::error!("job {id} finished but {} was running", running.job.id());
                 }
-                if matches!(end, JobEnd::Interrupted) && !self.stopping {
-                    // Only shutdown interrupts; should it happen otherwise, run the job again.
+                if matches!(end, JobEnd::Interrupted) {
+                    // Unfinished and still spooled: it runs again after a restart (or
+                    // at once, should anything but shutdown have interrupted it).
+                    log::info!("job {id} interrupted; it stays in the spool");
                     self.queue.push_front(running.job);
                     return;
                 }
