@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use edgegen::mqtt::messages::{ErrorCode, JobResult, JobState};
 use mqtt_support::{
-    assert_stored, files_under, wait_spool_empty, Daemon, DaemonConfig, Mosquitto, Probe, WAIT,
+    assert_stored, files_under, wait_spool_empty, warm_up, Daemon, DaemonConfig, Mosquitto, Probe,
+    WAIT,
 };
 
 /// Growth of the daemon's resident memory allowed over the whole table
@@ -324,11 +325,7 @@ fn hostile_requests_each_get_one_failed_result_and_change_nothing() {
     probe.wait_payload(&topics.availability(), "online", 1);
 
     // A valid request first: the model is loaded before memory is measured.
-    probe.publish(
-        &topics.request(),
-        r#"{"id":"warm-up","prompt":"a pear","seed":1}"#,
-    );
-    assert_stored(&probe.results(&topics, &["warm-up"])["warm-up"]);
+    warm_up(&probe, &topics);
     let rss_before = daemon.rss_kib();
     let files_before = files_under(&daemon.output_dir());
 

@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use edgegen::mqtt::messages::{ErrorCode, JobResult, JobState};
-use mqtt_support::{assert_stored, wait_spool_empty, Daemon, DaemonConfig, Mosquitto, Probe};
+use mqtt_support::{
+    assert_stored, wait_spool_empty, warm_up, Daemon, DaemonConfig, Mosquitto, Probe,
+};
 use rumqttc::v5::mqttbytes::QoS;
 
 /// Allowed growth of the daemon's resident memory over the burst. Measured
@@ -46,11 +48,7 @@ fn burst_of_requests_each_get_exactly_one_result() {
     let topics = daemon.topics();
     probe.wait_payload(&topics.availability(), "online", 1);
 
-    probe.publish(
-        &topics.request(),
-        r#"{"id":"warm-up","prompt":"a pear","seed":1}"#,
-    );
-    assert_stored(&probe.results(&topics, &["warm-up"])["warm-up"]);
+    warm_up(&probe, &topics);
     let rss_before = daemon.rss_kib();
 
     let ids: Vec<String> = (0..requests).map(|n| format!("load-{n:05}")).collect();

@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use edgegen::mqtt::messages::{ErrorCode, JobResult, JobState, ModelsMessage, StatsMessage};
 use edgegen::mqtt::topics::Topics;
 use mqtt_support::{
-    assert_stored, files_under, sha256_hex, wait_spool_empty, Daemon, DaemonConfig, Mosquitto,
-    Probe, WAIT,
+    assert_stored, files_under, pngs, sha256_hex, wait_spool_empty, Daemon, DaemonConfig,
+    Mosquitto, Probe, WAIT,
 };
 
 /// Declared so that processes stop before their directory goes.
@@ -44,13 +44,6 @@ fn setup(name: &str, edit: impl FnOnce(&mut DaemonConfig)) -> Setup {
         topics,
         _dir: dir,
     }
-}
-
-fn pngs(daemon: &Daemon) -> Vec<PathBuf> {
-    files_under(&daemon.output_dir())
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect()
 }
 
 #[test]

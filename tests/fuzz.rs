@@ -226,26 +226,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
-const FIELDS: &[&str] = &[
-    "id",
-    "prompt",
-    "negative_prompt",
-    "model",
-    "steps",
-    "guidance",
-    "width",
-    "height",
-    "seed",
-    "scheduler",
-    "class",
-    "batch",
-    "return_image",
-    "reply_to",
-];
-
 fn request_object() -> impl Strategy<Value = Vec<u8>> {
     let key = prop_oneof![
-        4 => prop::sample::select(FIELDS).prop_map(str::to_string),
+        4 => prop::sample::select(intake::FIELDS).prop_map(str::to_string),
         1 => "\\PC{0,12}",
     ];
     prop::collection::vec((key, json_value()), 0..8).prop_map(|pairs| {

@@ -17,8 +17,8 @@ use std::time::Duration;
 use edgegen::mqtt::messages::{ErrorCode, JobResult, JobState};
 use edgegen::mqtt::topics::Topics;
 use mqtt_support::{
-    assert_stored, files_under, free_port, sha256_hex, wait_for_port, Daemon, DaemonConfig,
-    Mosquitto, Probe, WAIT,
+    assert_stored, free_port, pngs, sha256_hex, wait_for_port, Daemon, DaemonConfig, Mosquitto,
+    Probe, WAIT,
 };
 use serde_json::{json, Value};
 use webdriver::Browser;
@@ -206,13 +206,6 @@ impl Http {
         assert_eq!(answer.status, 200);
         answer.json()["images"].as_array().expect("images").clone()
     }
-}
-
-fn pngs(daemon: &Daemon) -> Vec<PathBuf> {
-    files_under(&daemon.output_dir())
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect()
 }
 
 // ---------------------------------------------------------------- API

@@ -26,7 +26,7 @@ pub struct Intake {
 }
 
 /// Known request fields, for the unknown-field message.
-const FIELDS: &[&str] = &[
+pub const FIELDS: &[&str] = &[
     "id",
     "prompt",
     "negative_prompt",

@@ -73,6 +73,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// The pictures a daemon stored, relative to its output directory.
+pub fn pngs(daemon: &Daemon) -> Vec<PathBuf> {
+    files_under(&daemon.output_dir())
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect()
+}
+
 /// Every file under `dir` (recursively), relative paths sorted.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -743,6 +751,15 @@ fn dump(messages: &[Msg]) -> String {
 }
 
 /// A done result: its file exists and has the sha256 the result names.
+/// One request run to completion, so that the model is loaded before anything is measured.
+pub fn warm_up(probe: &Probe, topics: &edgegen::mqtt::topics::Topics) {
+    probe.publish(
+        &topics.request(),
+        r#"{"id":"warm-up","prompt":"a pear","seed":1}"#,
+    );
+    assert_stored(&probe.results(topics, &["warm-up"])["warm-up"]);
+}
+
 pub fn assert_stored(result: &JobResult) {
     assert_eq!(result.state, Some(JobState::Done), "{result:?}");
     let path = PathBuf::from(result.path.as_deref().expect("path"));
