@@ -264,6 +264,25 @@ impl OnnxModel {
 
     /// Runs the graph; `inputs` are matched by name, outputs come back as f32 in graph order.
     pub fn run(&self, inputs: Vec<(&str, Input)>) -> Result<Vec<ArrayD<f32>>> {
+        let values = self.feed(inputs)?;
+        let shapes: Vec<Vec<usize>> = values.iter().map(|t| t.shape().to_vec()).collect();
+        let plan = self.plan(&shapes)?;
+        let outputs = plan
+            .run(values.into_iter().map(|t| t.into_tvalue()).collect())
+            .map_err(|e| anyhow!("{}: running the graph failed: {e:#}", self.path.display()))?;
+        outputs.into_iter().map(|v| self.to_array(v)).collect()
+    }
+
+    /// Builds the optimized plan `run` would use for these inputs without
+    /// running it, so optimization can be timed apart from the first run.
+    pub fn prepare(&self, inputs: Vec<(&str, Input)>) -> Result<()> {
+        let values = self.feed(inputs)?;
+        let shapes: Vec<Vec<usize>> = values.iter().map(|t| t.shape().to_vec()).collect();
+        self.plan(&shapes).map(|_| ())
+    }
+
+    /// Inputs matched by name and converted to the graph's declared types, in graph order.
+    fn feed(&self, inputs: Vec<(&str, Input)>) -> Result<TVec<Tensor>> {
         let mut by_name: HashMap<&str, Input> = inputs.into_iter().collect();
         let mut values = TVec::new();
         for spec in &self.inputs {
@@ -283,12 +302,7 @@ impl OnnxModel {
                 self.input_names()
             );
         }
-        let shapes: Vec<Vec<usize>> = values.iter().map(|t| t.shape().to_vec()).collect();
-        let plan = self.plan(&shapes)?;
-        let outputs = plan
-            .run(values.into_iter().map(|t| t.into_tvalue()).collect())
-            .map_err(|e| anyhow!("{}: running the graph failed: {e:#}", self.path.display()))?;
-        outputs.into_iter().map(|v| self.to_array(v)).collect()
+        Ok(values)
     }
 
     fn input_names(&self) -> String {
@@ -443,6 +457,36 @@ impl OnnxModel {
             .with_context(context)?;
         Ok(runnable)
     }
+}
+
+/// Bytes of the weights (initializers) an ONNX file declares, inline or in
+/// external data files, from their shapes and element types; what a
+/// component needs in memory at the least.
+pub fn weight_bytes(path: &Path) -> Result<u64> {
+    let proto = tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .map_err(|e| anyhow!("{}: not a readable ONNX model: {e:#}", path.display()))?;
+    let Some(graph) = &proto.graph else {
+        return Ok(0);
+    };
+    let mut total = 0u64;
+    for init in &graph.initializer {
+        let elements: u64 = init.dims.iter().map(|&d| d.max(0) as u64).product();
+        let element_bytes = match DataType::try_from(init.data_type) {
+            Ok(DataType::Int8 | DataType::Uint8 | DataType::Bool) => 1,
+            Ok(DataType::Float16 | DataType::Bfloat16 | DataType::Int16 | DataType::Uint16) => 2,
+            Ok(DataType::Float | DataType::Int32 | DataType::Uint32) => 4,
+            Ok(DataType::Double | DataType::Int64 | DataType::Uint64) => 8,
+            _ => bail!(
+                "{}: initializer '{}' has element type {} whose size is unknown",
+                path.display(),
+                init.name,
+                init.data_type
+            ),
+        };
+        total += elements * element_bytes;
+    }
+    Ok(total)
 }
 
 fn datum_type(element: ElementType, path: &Path) -> Result<DatumType> {

@@ -56,11 +56,24 @@ enum ModelsCommand {
 
 #[derive(Args)]
 struct BenchArgs {
-    #[arg(long)]
+    #[arg(long, conflicts_with = "onnx")]
     model: Option<String>,
+    /// Bench one ONNX file instead of a bundle (inputs from --input).
+    #[arg(long)]
+    onnx: Option<PathBuf>,
+    /// With --onnx: NAME=SHAPE[:DTYPE[:RANGE]] for each graph input, e.g.
+    /// sample=1x4x64x64, timestep=scalar, input_ids=1x77:i32:49408.
+    #[arg(long = "input", requires = "onnx")]
+    inputs: Vec<String>,
+    /// With --onnx: write each output as raw little-endian f32 into DIR.
+    #[arg(long, value_name = "DIR", requires = "onnx")]
+    save_outputs: Option<PathBuf>,
     /// Threads for tract's kernels (default: engine.threads).
     #[arg(long)]
     threads: Option<usize>,
+    /// resident or sequential (default: engine.memory).
+    #[arg(long, conflicts_with = "onnx")]
+    memory: Option<String>,
     #[arg(long)]
     width: Option<u32>,
     #[arg(long)]
@@ -70,6 +83,9 @@ struct BenchArgs {
     /// Timed runs after the warm-up.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -190,24 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print!("{}", edgegen::doctor::report(&config, &options)?)
         }
-        Command::Bench(args) => {
-            let mut config = config;
-            if let Some(threads) = args.threads {
-                config.engine.threads = threads;
-            }
-            let spec = edgegen::bench::BenchSpec {
-                request: Request {
-                    prompt: Some("a red apple on a tree".into()),
-                    model: args.model,
-                    width: args.width,
-                    height: args.height,
-                    steps: args.steps,
-                    ..Request::default()
-                },
-                runs: args.runs,
-            };
-            print!("{}", edgegen::bench::run(&config, &spec)?.table());
-        }
+        Command::Bench(args) => bench(config, args)?,
         Command::Models {
             command: ModelsCommand::List,
         } => print!("{}", commands::models_list(&config)?),
@@ -217,6 +216,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", commands::models_inspect(&config, &id)?)
         }
     }
+    Ok(())
+}
+
+fn bench(mut config: edgegen::config::Config, args: BenchArgs) -> anyhow::Result<()> {
+    use edgegen::bench;
+    if let Some(threads) = args.threads {
+        config.engine.threads = threads;
+    }
+    if let Some(path) = args.onnx {
+        let spec = bench::OnnxBenchSpec {
+            path,
+            inputs: args
+                .inputs
+                .iter()
+                .map(|s| s.parse())
+                .collect::<anyhow::Result<_>>()?,
+            threads: config.engine.threads,
+            runs: args.runs,
+            save_outputs: args.save_outputs,
+        };
+        let report = bench::run_onnx(&spec)?;
+        let text = if args.json {
+            report.to_json()? + "\n"
+        } else {
+            report.table()
+        };
+        print!("{text}");
+        return Ok(());
+    }
+    if let Some(memory) = &args.memory {
+        config.engine.memory = bench::parse_memory_mode(memory)?;
+    }
+    let spec = bench::BenchSpec {
+        request: Request {
+            prompt: Some("a red apple on a tree".into()),
+            model: args.model,
+            width: args.width,
+            height: args.height,
+            steps: args.steps,
+            ..Request::default()
+        },
+        runs: args.runs,
+    };
+    let report = bench::run(&config, &spec)?;
+    let text = if args.json {
+        report.to_json()? + "\n"
+    } else {
+        report.table()
+    };
+    print!("{text}");
     Ok(())
 }
 
