@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use edgegen::mqtt::messages::{ErrorCode, JobState};
+use edgegen::mqtt::topics::Topics;
 use mqtt_support::{
     assert_stored, files_under, free_port, wait_spool_empty, Daemon, DaemonConfig, Mosquitto, Probe,
 };
@@ -114,18 +115,7 @@ fn full_disk_gives_storage_full_without_partial_files_and_the_retry_succeeds() {
 
     // Space again: the same request (same id) now runs and is stored.
     fs::remove_file(&filler).expect("free space");
-    let before = probe.messages().len();
-    probe.publish(&topics.request(), request);
-    let result_topic = topics.job_result("full-out");
-    let retried = probe.wait("the retried result", mqtt_support::WAIT, |msgs| {
-        msgs[before..].iter().any(|m| m.topic == result_topic)
-    });
-    let retried: edgegen::mqtt::messages::JobResult = retried[before..]
-        .iter()
-        .find(|m| m.topic == result_topic)
-        .expect("result")
-        .json();
-    assert_stored(&retried);
+    assert_retry_is_stored(&probe, &topics, "full-out", request);
 
     // The state directory is full: the request cannot be spooled, so it is refused at once.
     // (Filled once the last spool file is gone, or its removal would free room.)
@@ -152,21 +142,12 @@ fn full_disk_gives_storage_full_without_partial_files_and_the_retry_succeeds() {
     assert_eq!(queued, 0, "a job that could not be spooled was queued");
 
     fs::remove_file(&filler).expect("free space");
-    let before = probe.messages().len();
-    probe.publish(
-        &topics.request(),
+    assert_retry_is_stored(
+        &probe,
+        &topics,
+        "full-spool",
         r#"{"id":"full-spool","prompt":"a full spool","seed":4}"#,
     );
-    let result_topic = topics.job_result("full-spool");
-    let retried = probe.wait("the retried result", mqtt_support::WAIT, |msgs| {
-        msgs[before..].iter().any(|m| m.topic == result_topic)
-    });
-    let retried: edgegen::mqtt::messages::JobResult = retried[before..]
-        .iter()
-        .find(|m| m.topic == result_topic)
-        .expect("result")
-        .json();
-    assert_stored(&retried);
     wait_spool_empty(&daemon);
     drop(daemon);
 }
@@ -276,4 +257,20 @@ fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     Some(Duration::from_secs_f64(seconds))
+}
+
+/// Publishes `request` again and checks that this time its result is a stored picture.
+fn assert_retry_is_stored(probe: &Probe, topics: &Topics, id: &str, request: &str) {
+    let before = probe.messages().len();
+    probe.publish(&topics.request(), request);
+    let result_topic = topics.job_result(id);
+    let retried = probe.wait("the retried result", mqtt_support::WAIT, |msgs| {
+        msgs[before..].iter().any(|m| m.topic == result_topic)
+    });
+    let retried: edgegen::mqtt::messages::JobResult = retried[before..]
+        .iter()
+        .find(|m| m.topic == result_topic)
+        .expect("result")
+        .json();
+    assert_stored(&retried);
 }
