@@ -12,39 +12,10 @@ mod mqtt_support;
 use std::path::PathBuf;
 
 use edgegen::mqtt::messages::{ErrorCode, JobResult, JobState, ModelsMessage, StatsMessage};
-use edgegen::mqtt::topics::Topics;
 use mqtt_support::{
-    assert_stored, files_under, pngs, sha256_hex, wait_spool_empty, Daemon, DaemonConfig,
+    assert_stored, files_under, pngs, setup, sha256_hex, wait_spool_empty, Daemon, DaemonConfig,
     Mosquitto, Probe, WAIT,
 };
-
-/// Declared so that processes stop before their directory goes.
-struct Setup {
-    probe: Probe,
-    daemon: Daemon,
-    _broker: Mosquitto,
-    topics: Topics,
-    _dir: tempfile::TempDir,
-}
-
-fn setup(name: &str, edit: impl FnOnce(&mut DaemonConfig)) -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let mut config = DaemonConfig::new(&broker.url(), name);
-    edit(&mut config);
-    let probe = Probe::connect(broker.port, &format!("probe-{}", config.node), false);
-    probe.subscribe(&format!("edgegen/{}/#", config.node));
-    let daemon = Daemon::start(&dir.path().join("daemon"), config);
-    let topics = daemon.topics();
-    probe.wait_payload(&topics.availability(), "online", 1);
-    Setup {
-        probe,
-        daemon,
-        _broker: broker,
-        topics,
-        _dir: dir,
-    }
-}
 
 #[test]
 fn request_gives_status_result_and_stored_files() {

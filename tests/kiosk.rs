@@ -15,44 +15,39 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use edgegen::mqtt::messages::{ErrorCode, JobResult, JobState};
-use edgegen::mqtt::topics::Topics;
-use mqtt_support::{
-    assert_stored, free_port, pngs, sha256_hex, wait_for_port, Daemon, DaemonConfig, Mosquitto,
-    Probe, WAIT,
-};
+use mqtt_support::{assert_stored, free_port, pngs, sha256_hex, wait_for_port, DaemonConfig, WAIT};
 use serde_json::{json, Value};
 use webdriver::Browser;
 
-/// Declared so that processes stop before their directory goes.
+/// The daemon setup of the MQTT tests, with the kiosk on and a client for it.
 struct Setup {
     http: Http,
-    probe: Probe,
-    daemon: Daemon,
-    _broker: Mosquitto,
-    topics: Topics,
-    dir: tempfile::TempDir,
+    daemon_setup: mqtt_support::Setup,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = mqtt_support::Setup;
+    fn deref(&self) -> &Self::Target {
+        &self.daemon_setup
+    }
+}
+
+impl std::ops::DerefMut for Setup {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.daemon_setup
+    }
 }
 
 fn setup(name: &str, edit: impl FnOnce(&mut DaemonConfig)) -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let mut config = DaemonConfig::new(&broker.url(), name);
     let port = free_port();
-    config.kiosk_listen = Some(format!("127.0.0.1:{port}"));
-    edit(&mut config);
-    let probe = Probe::connect(broker.port, &format!("probe-{}", config.node), false);
-    probe.subscribe(&format!("edgegen/{}/#", config.node));
-    let daemon = Daemon::start(&dir.path().join("daemon"), config);
-    let topics = daemon.topics();
-    probe.wait_payload(&topics.availability(), "online", 1);
+    let daemon_setup = mqtt_support::setup(name, |config| {
+        config.kiosk_listen = Some(format!("127.0.0.1:{port}"));
+        edit(config);
+    });
     wait_for_port(port, Duration::from_secs(30));
     Setup {
         http: Http::new(port),
-        probe,
-        daemon,
-        _broker: broker,
-        topics,
-        dir,
+        daemon_setup,
     }
 }
 

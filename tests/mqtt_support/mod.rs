@@ -73,6 +73,36 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// A Mosquitto, one daemon on it, and a probe subscribed to all of the daemon's
+/// topics, the daemon online. Declared so that processes stop before their
+/// directory goes.
+pub struct Setup {
+    pub probe: Probe,
+    pub daemon: Daemon,
+    pub broker: Mosquitto,
+    pub topics: edgegen::mqtt::topics::Topics,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn setup(name: &str, edit: impl FnOnce(&mut DaemonConfig)) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Mosquitto::start(&dir.path().join("broker"));
+    let mut config = DaemonConfig::new(&broker.url(), name);
+    edit(&mut config);
+    let probe = Probe::connect(broker.port, &format!("probe-{}", config.node), false);
+    probe.subscribe(&format!("edgegen/{}/#", config.node));
+    let daemon = Daemon::start(&dir.path().join("daemon"), config);
+    let topics = daemon.topics();
+    probe.wait_payload(&topics.availability(), "online", 1);
+    Setup {
+        probe,
+        daemon,
+        broker,
+        topics,
+        dir,
+    }
+}
+
 /// The pictures a daemon stored, relative to its output directory.
 pub fn pngs(daemon: &Daemon) -> Vec<PathBuf> {
     files_under(&daemon.output_dir())
