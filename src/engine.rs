@@ -21,6 +21,37 @@ mod quant;
 
 pub use quant::F16Mode;
 
+/// tract turns small-channel 3×3 convolutions (input channels × taps ≤ 576,
+/// e.g. TAESD's 64-channel layers) into its direct spatial convolution, whose
+/// x86 kernel is 8 lanes wide; where AVX-512 is present, im2col feeding the
+/// 16-lane matrix kernel is faster: TAESD's decoder at 512² takes 2.38 s
+/// instead of 3.96 s on one core (docs/benchmarks.md). Set as tract's global
+/// configuration, so `TRACT_DISABLE_DIRECT_SPATIAL` in the environment still
+/// decides when given.
+fn prefer_im2col_on_wide_vectors() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if !has_avx512f() {
+            return;
+        }
+        use tract_onnx::tract_core::knobs;
+        match knobs::set_config_global("TRACT_DISABLE_DIRECT_SPATIAL", "true") {
+            Ok(()) => log::debug!("AVX-512: convolutions run as im2col + matrix product"),
+            Err(err) => log::warn!("could not prefer im2col convolutions: {err:#}"),
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512f() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512f() -> bool {
+    false
+}
+
 /// Sets how many threads tract's matrix kernels use; 0 means every core.
 pub fn set_threads(threads: usize) {
     let threads = if threads == 0 {
@@ -198,6 +229,7 @@ impl OnnxModel {
     }
 
     pub fn load_with(path: &Path, f16_mode: F16Mode) -> Result<Self> {
+        prefer_im2col_on_wide_vectors();
         if !path.is_file() {
             bail!("{}: file not found", path.display());
         }
