@@ -172,23 +172,18 @@ fn edgegen_request_with_fleet_gets_the_picture_from_whichever_node_took_it() {
         probe.wait_payload(&daemon.topics().availability(), "online", 1);
     }
     let saved = dir.path().join("fleet.png");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_edgegen"))
-        .args(["request", "--fleet", "--broker", &broker.url()])
-        .args([
-            "--prompt",
-            "a blue car",
-            "--id",
-            "cli-fleet",
-            "--timeout",
-            "120",
-        ])
-        .arg("--output")
-        .arg(&saved)
-        .env("EDGEGEN_LOG", "info")
-        .output()
-        .expect("edgegen request");
+    let url = broker.url();
+    let args = [
+        "--fleet",
+        "--broker",
+        &url,
+        "--prompt",
+        "a blue car",
+        "--id",
+        "cli-fleet",
+    ];
+    let output = mqtt_support::edgegen_request(&args, &saved, "info");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
     let png = std::fs::read(&saved).expect("saved picture");
     let node = daemons
         .iter()

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use edgegen::mqtt::messages::{JobResult, JobState, Status};
 use mqtt_support::{
-    assert_stored, files_under, free_port, wait_for_port, wait_spool_empty, Daemon, DaemonConfig,
-    Mosquitto, Probe, WAIT,
+    assert_stored, edgegen_request, files_under, free_port, wait_for_port, wait_spool_empty,
+    Daemon, DaemonConfig, Mosquitto, Probe, WAIT,
 };
 
 fn date_dir(daemon: &Daemon) -> PathBuf {
@@ -96,29 +96,11 @@ fn embedded_broker_serves_mosquitto_clients_and_edgegen_request() {
 
     // `edgegen request` talks MQTT 5 through the same address and saves the returned picture.
     let saved = dir.path().join("pear.png");
-    let output = Command::new(env!("CARGO_BIN_EXE_edgegen"))
-        .args(["request", "--config"])
-        .arg(&daemon.config_path)
-        .args([
-            "--prompt",
-            "a pear",
-            "--seed",
-            "3",
-            "--id",
-            "cli-1",
-            "--timeout",
-            "120",
-            "--output",
-        ])
-        .arg(&saved)
-        .env("EDGEGEN_LOG", "warn")
-        .output()
-        .expect("edgegen request");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let config = daemon.config_path.to_string_lossy();
+    let args = [
+        "--config", &config, "--prompt", "a pear", "--seed", "3", "--id", "cli-1",
+    ];
+    let output = edgegen_request(&args, &saved, "warn");
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),
         saved.display().to_string()

@@ -22,9 +22,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgegen::mqtt::messages::{ErrorCode, JobResult, JobState};
+use edgegen::mqtt::topics::Topics;
 use mqtt_support::{
-    assert_stored, free_port, wait_for_port, wait_spool_empty, Daemon, DaemonConfig, Mosquitto,
-    Probe, WAIT,
+    assert_stored, edgegen_request, free_port, wait_for_port, wait_spool_empty, Daemon,
+    DaemonConfig, Mosquitto, Probe, WAIT,
 };
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{Client, Event, MqttOptions};
@@ -49,6 +50,19 @@ struct Secured {
     _broker: Mosquitto,
     port: u16,
     dir: std::path::PathBuf,
+}
+
+/// The broker's administrator, subscribed to every topic once the daemon is online.
+fn admin_watching_everything(secured: &Secured, topics: &Topics) -> Probe {
+    let admin = Probe::connect_as(
+        secured.port,
+        "admin-probe",
+        false,
+        Some(("admin", "admin-pw")),
+    );
+    admin.subscribe("#");
+    admin.wait_payload(&topics.availability(), "online", 1);
+    admin
 }
 
 fn secured_broker(dir: &Path) -> Secured {
@@ -113,14 +127,7 @@ fn a_client_cannot_make_the_daemon_publish_where_it_may_not() {
     let daemon = daemon_on(&secured, "acl");
     let topics = daemon.topics();
     let node = &daemon.config.node;
-    let admin = Probe::connect_as(
-        secured.port,
-        "admin-probe",
-        false,
-        Some(("admin", "admin-pw")),
-    );
-    admin.subscribe("#");
-    admin.wait_payload(&topics.availability(), "online", 1);
+    let admin = admin_watching_everything(&secured, &topics);
     let alice = Probe::connect_as(
         secured.port,
         "alice-probe",
@@ -235,29 +242,20 @@ fn a_client_cannot_make_the_daemon_publish_where_it_may_not() {
     )
     .expect("alice config");
     let saved = dir.path().join("alice.png");
-    let output = Command::new(env!("CARGO_BIN_EXE_edgegen"))
-        .args(["request", "--config"])
-        .arg(&config)
-        .args([
-            "--node",
-            node,
-            "--prompt",
-            "a fig",
-            "--seed",
-            "8",
-            "--id",
-            "alice-cli",
-        ])
-        .args(["--timeout", "120", "--output"])
-        .arg(&saved)
-        .env("EDGEGEN_LOG", "warn")
-        .output()
-        .expect("edgegen request");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let config = config.to_string_lossy();
+    let args = [
+        "--config",
+        &config,
+        "--node",
+        node,
+        "--prompt",
+        "a fig",
+        "--seed",
+        "8",
+        "--id",
+        "alice-cli",
+    ];
+    edgegen_request(&args, &saved, "warn");
     assert!(saved.is_file());
     drop(daemon);
 }
@@ -268,14 +266,7 @@ fn a_refused_publish_is_not_retried_forever_and_loses_no_other_result() {
     let secured = secured_broker(dir.path());
     let daemon = daemon_on(&secured, "denied");
     let topics = daemon.topics();
-    let admin = Probe::connect_as(
-        secured.port,
-        "admin-probe",
-        false,
-        Some(("admin", "admin-pw")),
-    );
-    admin.subscribe("#");
-    admin.wait_payload(&topics.availability(), "online", 1);
+    let admin = admin_watching_everything(&secured, &topics);
 
     // The reply filter allows this topic, the broker's ACL does not: the
     // broker answers the daemon's publish with PUBACK 0x87 (not authorized).

@@ -103,6 +103,25 @@ pub fn setup(name: &str, edit: impl FnOnce(&mut DaemonConfig)) -> Setup {
     }
 }
 
+/// Runs `edgegen request ARGS --timeout 120 --output OUTPUT` with `EDGEGEN_LOG=log`,
+/// asserts that it succeeded and returns what it printed.
+pub fn edgegen_request(args: &[&str], output: &Path, log: &str) -> std::process::Output {
+    let done = Command::new(daemon_binary())
+        .arg("request")
+        .args(args)
+        .args(["--timeout", "120", "--output"])
+        .arg(output)
+        .env("EDGEGEN_LOG", log)
+        .output()
+        .expect("edgegen request");
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    done
+}
+
 /// The pictures a daemon stored, relative to its output directory.
 pub fn pngs(daemon: &Daemon) -> Vec<PathBuf> {
     files_under(&daemon.output_dir())
