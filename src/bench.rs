@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::bundle::Bundle;
 use crate::commands::{load_pipeline, open_model};
 use crate::config::{Config, MemoryMode};
-use crate::engine::{self, ElementType, Input, OnnxModel};
+use crate::engine::{self, ElementType, Input, ModelOptions, OnnxModel};
 use crate::pipeline::{millis, Timings};
 use crate::request::Request;
 
@@ -352,6 +352,8 @@ pub struct OnnxBenchSpec {
     pub runs: usize,
     /// Where to write each output as raw little-endian f32 (`output<i>.f32`).
     pub save_outputs: Option<PathBuf>,
+    /// Compile cache directory; `None`: none.
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -370,7 +372,9 @@ pub struct OnnxBenchReport {
     pub engine: &'static str,
     pub threads: usize,
     pub inputs: Vec<TensorInfo>,
-    /// Parsing the file into a graph.
+    /// `off`, `cold` (the model was not in the compile cache) or `warm`.
+    pub cache: &'static str,
+    /// Parsing the file into a graph (warm: reading its cached description).
     pub load_ms: f64,
     /// Fixing the shapes, optimizing and building the runnable plan.
     pub optimize_ms: f64,
@@ -405,8 +409,8 @@ impl OnnxBenchReport {
         );
         let _ = writeln!(
             out,
-            "load {:.1} ms, optimize {:.1} ms, first run {:.1} ms",
-            self.load_ms, self.optimize_ms, self.first_run_ms
+            "load {:.1} ms, optimize {:.1} ms, first run {:.1} ms (compile cache: {})",
+            self.load_ms, self.optimize_ms, self.first_run_ms, self.cache
         );
         let _ = writeln!(
             out,
@@ -426,8 +430,13 @@ pub fn run_onnx(spec: &OnnxBenchSpec) -> Result<OnnxBenchReport> {
     engine::set_threads(spec.threads);
     let rss_before_load_bytes = current_rss_bytes();
     let loading = Instant::now();
-    let model = OnnxModel::load(&spec.path)?;
+    let options = ModelOptions {
+        cache_dir: spec.cache_dir.clone(),
+        ..ModelOptions::default()
+    };
+    let model = OnnxModel::open(&spec.path, &options)?;
     let load_ms = millis(loading.elapsed());
+    let cache = model.cache_use().name();
     let (inputs, infos) = onnx_inputs(&model, &spec.inputs)?;
     let feed = || -> Vec<(&str, Input)> {
         inputs
@@ -455,6 +464,7 @@ pub fn run_onnx(spec: &OnnxBenchSpec) -> Result<OnnxBenchReport> {
         engine: "tract",
         threads: effective_threads(spec.threads),
         inputs: infos,
+        cache,
         load_ms,
         optimize_ms,
         first_run_ms,

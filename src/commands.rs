@@ -29,6 +29,7 @@ pub fn load_pipeline(config: &Config, bundle: &Bundle) -> Result<Pipeline> {
         bundle,
         LoadOptions {
             memory: config.engine.memory,
+            cache_dir: config.compile_cache_dir(),
         },
     )
     .with_context(|| format!("loading model '{}'", bundle.id))

@@ -145,6 +145,19 @@ impl Default for StorageConfig {
 }
 
 impl Config {
+    /// Where compiled graphs are kept: `engine.cache_dir`, `<state_dir>/cache`
+    /// when that is empty, none when it is `off`.
+    pub fn compile_cache_dir(&self) -> Option<PathBuf> {
+        let dir = &self.engine.cache_dir;
+        if dir.as_os_str() == "off" {
+            None
+        } else if dir.as_os_str().is_empty() {
+            Some(self.storage.state_dir.join("cache"))
+        } else {
+            Some(dir.clone())
+        }
+    }
+
     /// Reads a config file; unknown keys and wrong types are errors naming the key.
     pub fn from_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
@@ -234,6 +247,19 @@ mod tests {
     #[test]
     fn empty_file_is_the_defaults() {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn compile_cache_lives_under_the_state_dir_unless_told() {
+        let mut config = Config::from_toml("[storage]\nstate_dir = \"/var/lib/edgegen\"").unwrap();
+        assert_eq!(
+            config.compile_cache_dir(),
+            Some(PathBuf::from("/var/lib/edgegen/cache"))
+        );
+        config.engine.cache_dir = "/tmp/plans".into();
+        assert_eq!(config.compile_cache_dir(), Some(PathBuf::from("/tmp/plans")));
+        config.engine.cache_dir = "off".into();
+        assert_eq!(config.compile_cache_dir(), None);
     }
 
     #[test]

@@ -14,12 +14,15 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
+mod cache;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod kernels;
 mod quant;
 
 pub use quant::F16Mode;
+
+use cache::{CachedModel, ModelMeta, PlanCache, PlanKey};
 
 /// tract turns small-channel 3×3 convolutions (input channels × taps ≤ 576,
 /// e.g. TAESD's 64-channel layers) into its direct spatial convolution, whose
@@ -70,7 +73,7 @@ pub fn set_threads(threads: usize) {
 }
 
 /// Element type of a graph input or output, as declared in the ONNX file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ElementType {
     F32,
     F16,
@@ -93,7 +96,7 @@ impl fmt::Display for ElementType {
 }
 
 /// A graph input as the ONNX file declares it; `None` dims are symbolic.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TensorSpec {
     pub name: String,
     pub element: ElementType,
@@ -158,7 +161,7 @@ impl Input {
 }
 
 /// What the ONNX file holds that matters for quantization reports.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct GraphSummary {
     /// Operator types that only appear in quantized graphs, with counts.
     pub quantized_ops: BTreeMap<String, usize>,
@@ -202,15 +205,56 @@ const QUANTIZED_OPS: &[&str] = &[
 
 type Plan = Arc<TypedRunnableModel>;
 
-/// One ONNX graph, parsed once, with one optimized plan per input shape set.
+/// How a process loads its graphs.
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    pub f16_mode: F16Mode,
+    /// Compile cache directory; `None` optimizes from the ONNX file every time.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            f16_mode: F16Mode::from_env_or_cpu(),
+            cache_dir: None,
+        }
+    }
+}
+
+/// Where a model's plans come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheUse {
+    /// No compile cache.
+    Off,
+    /// Parsed from ONNX; plans are saved to the cache as they are built.
+    Cold,
+    /// Described by the cache; plans load from it when saved before.
+    Warm,
+}
+
+impl CacheUse {
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheUse::Off => "off",
+            CacheUse::Cold => "cold",
+            CacheUse::Warm => "warm",
+        }
+    }
+}
+
+/// One ONNX graph with one optimized plan per input shape set. The graph
+/// itself is parsed on first need: with a warm compile cache, never.
 pub struct OnnxModel {
     path: PathBuf,
-    graph: InferenceModel,
+    graph: Mutex<Option<Arc<InferenceModel>>>,
     inputs: Vec<TensorSpec>,
     outputs: Vec<String>,
     summary: GraphSummary,
     /// Float16 graph run as float32 (`F16Mode::Float32`).
     upcast_f16: bool,
+    cached: Option<CachedModel>,
+    cache_use: CacheUse,
     plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
 }
 
@@ -222,60 +266,101 @@ impl fmt::Debug for OnnxModel {
     }
 }
 
+/// An ONNX file parsed into tract's inference graph, with what was learnt on the way.
+struct Parsed {
+    graph: InferenceModel,
+    meta: ModelMeta,
+    external_files: Vec<PathBuf>,
+}
+
 impl OnnxModel {
     /// Loads a graph; float16 graphs run as `F16Mode::from_env_or_cpu()` says.
     pub fn load(path: &Path) -> Result<Self> {
-        Self::load_with(path, F16Mode::from_env_or_cpu())
+        Self::open(path, &ModelOptions::default())
     }
 
     pub fn load_with(path: &Path, f16_mode: F16Mode) -> Result<Self> {
+        Self::open(
+            path,
+            &ModelOptions {
+                f16_mode,
+                cache_dir: None,
+            },
+        )
+    }
+
+    pub fn open(path: &Path, options: &ModelOptions) -> Result<Self> {
         prefer_im2col_on_wide_vectors();
         if !path.is_file() {
             bail!("{}: file not found", path.display());
         }
-        let onnx = tract_onnx::onnx().with_ignore_value_info(true);
-        let mut proto = onnx
-            .proto_model_for_path(path)
-            .map_err(|e| anyhow!("{}: not a readable ONNX model: {e:#}", path.display()))?;
-        let summary = summarize(&proto);
-        quant::check_supported(path, &proto)?;
-        let has_f16 = quant::has_f16(&proto);
-        if has_f16 {
-            let gemms = quant::rewrite_f16_gemms(&mut proto);
-            log::debug!(
-                "{}: float16 graph run as {f16_mode:?}; {gemms} Gemm nodes rewritten as MatMul + Add",
-                path.display()
-            );
+        let cache = options.cache_dir.as_ref().map(PlanCache::new);
+        if let Some((cached, meta)) = cache.as_ref().and_then(|c| c.lookup(path)) {
+            log::debug!("{}: description from the compile cache", path.display());
+            return Ok(Self::new(path, meta, None, options, Some(cached)));
         }
-        let dir = path.parent().and_then(|d| d.to_str());
-        let parsed = onnx
-            .parse(&proto, dir)
-            .map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
-        if !parsed.unresolved_inputs.is_empty() {
-            bail!(
-                "{}: graph refers to undefined tensors {:?}",
-                path.display(),
-                parsed.unresolved_inputs
-            );
-        }
-        let graph = parsed.model;
-        reject_unsupported_ops(path, &graph)?;
-        let inputs = input_specs(path, &graph)?;
-        let outputs = output_names(&graph)?;
-        log::debug!("loaded {} ({} nodes)", path.display(), graph.nodes().len());
-        Ok(OnnxModel {
+        let parsed = parse(path)?;
+        let cached = cache.and_then(|c| {
+            c.record(path, &parsed.external_files, &parsed.meta)
+                .map_err(|err| log::warn!("compile cache: {}: {err:#}", path.display()))
+                .ok()
+        });
+        Ok(Self::new(
+            path,
+            parsed.meta,
+            Some(parsed.graph),
+            options,
+            cached,
+        ))
+    }
+
+    fn new(
+        path: &Path,
+        meta: ModelMeta,
+        graph: Option<InferenceModel>,
+        options: &ModelOptions,
+        cached: Option<CachedModel>,
+    ) -> Self {
+        let graph_parsed = graph.is_some();
+        OnnxModel {
             path: path.to_path_buf(),
-            graph,
-            inputs,
-            outputs,
-            summary,
-            upcast_f16: has_f16 && f16_mode == F16Mode::Float32,
+            graph: Mutex::new(graph.map(Arc::new)),
+            inputs: meta.inputs,
+            outputs: meta.outputs,
+            summary: meta.summary,
+            upcast_f16: meta.has_f16 && options.f16_mode == F16Mode::Float32,
+            cache_use: match (&cached, graph_parsed) {
+                (None, _) => CacheUse::Off,
+                (Some(_), true) => CacheUse::Cold,
+                (Some(_), false) => CacheUse::Warm,
+            },
+            cached,
             plans: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Operator name → node count over every plan built so far.
+    pub fn plan_op_counts(&self) -> Result<BTreeMap<String, usize>> {
+        let plans = self
+            .plans
+            .lock()
+            .map_err(|_| anyhow!("plan cache poisoned"))?;
+        let mut counts = BTreeMap::new();
+        for plan in plans.values() {
+            for node in plan.model().nodes() {
+                *counts.entry(node.op.name().to_string()).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Whether this model was described by the compile cache when loaded.
+    pub fn cache_use(&self) -> CacheUse {
+        self.cache_use
     }
 
     pub fn inputs(&self) -> &[TensorSpec] {
@@ -452,22 +537,64 @@ impl OnnxModel {
     }
 
     fn optimize(&self, shapes: &[Vec<usize>]) -> Result<Plan> {
-        let mut graph = self.graph.clone();
-        for (ix, (spec, shape)) in self.inputs.iter().zip(shapes).enumerate() {
-            let fact =
-                InferenceFact::dt_shape(datum_type(spec.element, &self.path)?, shape.clone());
-            graph.set_input_fact(ix, fact)?;
-        }
         let context = || {
             format!(
                 "{}: optimizing for input shapes {shapes:?}",
                 self.path.display()
             )
         };
-        let mut typed = graph
-            .into_typed()
+        let typed = self.decluttered(shapes).with_context(context)?;
+        #[cfg(feature = "cuda")]
+        if let Some(plan) = cuda::prepare(&typed).with_context(context)? {
+            return Ok(plan);
+        }
+        let optimized = codegen(typed).with_context(context)?;
+        let runnable = optimized
+            .into_runnable()
             .map_err(|e| anyhow!("{e:#}"))
             .with_context(context)?;
+        Ok(runnable)
+    }
+
+    /// The typed, decluttered graph for these shapes: from the compile cache
+    /// when it has it, else built from the ONNX graph (and then saved there).
+    fn decluttered(&self, shapes: &[Vec<usize>]) -> Result<TypedModel> {
+        let key = PlanKey {
+            shapes: shapes.to_vec(),
+            upcast_f16: self.upcast_f16,
+        };
+        let started = std::time::Instant::now();
+        if let Some(mut typed) = self.cached.as_ref().and_then(|c| c.load(&key)) {
+            // Reading NNEF back wires some axis moves apart; declutter folds them again.
+            typed.declutter().map_err(|e| anyhow!("{e:#}"))?;
+            log::debug!(
+                "{}: shapes {shapes:?} from the compile cache in {:.2?}",
+                self.path.display(),
+                started.elapsed()
+            );
+            return Ok(typed);
+        }
+        let typed = self.build_typed(shapes)?;
+        log::debug!("typed and decluttered in {:.2?}", started.elapsed());
+        if let Some(cached) = &self.cached {
+            if let Err(err) = cached.store(&key, &typed) {
+                log::info!(
+                    "compile cache: could not save {} for shapes {shapes:?}: {err:#}",
+                    self.path.display()
+                );
+            }
+        }
+        Ok(typed)
+    }
+
+    fn build_typed(&self, shapes: &[Vec<usize>]) -> Result<TypedModel> {
+        let mut graph = (*self.graph()?).clone();
+        for (ix, (spec, shape)) in self.inputs.iter().zip(shapes).enumerate() {
+            let fact =
+                InferenceFact::dt_shape(datum_type(spec.element, &self.path)?, shape.clone());
+            graph.set_input_fact(ix, fact)?;
+        }
+        let mut typed = graph.into_typed().map_err(|e| anyhow!("{e:#}"))?;
         if self.upcast_f16 {
             quant::upcast_f16(&mut typed)
                 .map_err(|e| anyhow!("{e:#}"))
@@ -475,20 +602,90 @@ impl OnnxModel {
                     format!("{}: converting float16 to float32", self.path.display())
                 })?;
         }
-        #[cfg(feature = "cuda")]
-        if let Some(plan) = cuda::prepare(&typed).with_context(context)? {
-            return Ok(plan);
-        }
-        let optimized = typed
-            .into_optimized()
-            .map_err(|e| anyhow!("{e:#}"))
-            .with_context(context)?;
-        let runnable = optimized
-            .into_runnable()
-            .map_err(|e| anyhow!("{e:#}"))
-            .with_context(context)?;
-        Ok(runnable)
+        typed.into_decluttered().map_err(|e| anyhow!("{e:#}"))
     }
+
+    /// The inference graph, parsed now if the compile cache spared it so far.
+    fn graph(&self) -> Result<Arc<InferenceModel>> {
+        let mut graph = self
+            .graph
+            .lock()
+            .map_err(|_| anyhow!("graph lock poisoned"))?;
+        if let Some(graph) = graph.as_ref() {
+            return Ok(graph.clone());
+        }
+        let parsed = Arc::new(parse(&self.path)?.graph);
+        *graph = Some(parsed.clone());
+        Ok(parsed)
+    }
+}
+
+/// tract's codegen pass. The graph is decluttered already (built so, or saved
+/// so in the compile cache), which is the other half of `into_optimized`.
+fn codegen(mut typed: TypedModel) -> Result<TypedModel> {
+    typed.optimize().map_err(|e| anyhow!("{e:#}"))?;
+    Ok(typed)
+}
+
+/// Reads and checks an ONNX file: readable, only operators tract runs, no
+/// dangling tensors; float16 Gemms rewritten for tract.
+fn parse(path: &Path) -> Result<Parsed> {
+    let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+    let mut proto = onnx
+        .proto_model_for_path(path)
+        .map_err(|e| anyhow!("{}: not a readable ONNX model: {e:#}", path.display()))?;
+    let summary = summarize(&proto);
+    quant::check_supported(path, &proto)?;
+    let has_f16 = quant::has_f16(&proto);
+    if has_f16 {
+        let gemms = quant::rewrite_f16_gemms(&mut proto);
+        log::debug!(
+            "{}: float16 graph; {gemms} Gemm nodes rewritten as MatMul + Add",
+            path.display()
+        );
+    }
+    let external_files = external_data_files(path, &proto);
+    let dir = path.parent().and_then(|d| d.to_str());
+    let parsed = onnx
+        .parse(&proto, dir)
+        .map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+    if !parsed.unresolved_inputs.is_empty() {
+        bail!(
+            "{}: graph refers to undefined tensors {:?}",
+            path.display(),
+            parsed.unresolved_inputs
+        );
+    }
+    let graph = parsed.model;
+    reject_unsupported_ops(path, &graph)?;
+    let meta = ModelMeta {
+        inputs: input_specs(path, &graph)?,
+        outputs: output_names(&graph)?,
+        summary,
+        has_f16,
+    };
+    log::debug!("loaded {} ({} nodes)", path.display(), graph.nodes().len());
+    Ok(Parsed {
+        graph,
+        meta,
+        external_files,
+    })
+}
+
+/// The external data files the graph's initializers name, each once.
+fn external_data_files(path: &Path, proto: &tract_onnx::pb::ModelProto) -> Vec<PathBuf> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = proto
+        .graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .flat_map(|init| &init.external_data)
+        .filter(|entry| entry.key == "location")
+        .map(|entry| dir.join(&entry.value))
+        .collect();
+    files.sort();
+    files.dedup();
+    files
 }
 
 /// Bytes of the weights (initializers) an ONNX file declares, inline or in

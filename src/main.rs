@@ -68,6 +68,10 @@ struct BenchArgs {
     /// With --onnx: write each output as raw little-endian f32 into DIR.
     #[arg(long, value_name = "DIR", requires = "onnx")]
     save_outputs: Option<PathBuf>,
+    /// With --onnx: use this compile cache directory (a second run shows the
+    /// warm start). Bundles use engine.cache_dir.
+    #[arg(long, value_name = "DIR", requires = "onnx")]
+    cache_dir: Option<PathBuf>,
     /// Threads for tract's kernels (default: engine.threads).
     #[arg(long)]
     threads: Option<usize>,
@@ -235,6 +239,7 @@ fn bench(mut config: edgegen::config::Config, args: BenchArgs) -> anyhow::Result
             threads: config.engine.threads,
             runs: args.runs,
             save_outputs: args.save_outputs,
+            cache_dir: args.cache_dir,
         };
         let report = bench::run_onnx(&spec)?;
         let text = if args.json {

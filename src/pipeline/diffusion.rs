@@ -114,9 +114,9 @@ impl DiffusionPipeline {
                 latent_channels: None,
             },
         )?;
-        let text_encoder = Component::open(bundle.path("text_encoder/model.onnx"), options.memory)?;
-        let unet = Component::open(bundle.path("unet/model.onnx"), options.memory)?;
-        let vae_decoder = Component::open(bundle.path("vae_decoder/model.onnx"), options.memory)?;
+        let text_encoder = Component::open(bundle.path("text_encoder/model.onnx"), &options)?;
+        let unet = Component::open(bundle.path("unet/model.onnx"), &options)?;
+        let vae_decoder = Component::open(bundle.path("vae_decoder/model.onnx"), &options)?;
         let unet_inputs = unet_inputs(&*unet.get()?)?;
         let guidance_embedding_dim =
             match (&unet_inputs.timestep_cond, unet_config.time_cond_proj_dim) {

@@ -37,11 +37,11 @@ impl GanPipeline {
             bundle.manifest.gan.clone().ok_or_else(|| {
                 anyhow!("{}: no [gan] table in edgegen.toml", bundle.dir.display())
             })?;
-        let generator = Component::open(bundle.path("generator/model.onnx"), options.memory)?;
+        let generator = Component::open(bundle.path("generator/model.onnx"), &options)?;
         let text = match &manifest.text_input {
             Some(input) => Some(TextConditioning {
                 tokenizer: ClipTokenizer::from_dir(&bundle.path("tokenizer"))?,
-                encoder: Component::open(bundle.path("text_encoder/model.onnx"), options.memory)?,
+                encoder: Component::open(bundle.path("text_encoder/model.onnx"), &options)?,
                 input: input.clone(),
             }),
             None => None,

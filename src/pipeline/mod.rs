@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::bundle::{Bundle, BundleKind};
 use crate::config::{Limits, MemoryMode};
-use crate::engine::OnnxModel;
+use crate::engine::{ModelOptions, OnnxModel};
 use crate::picture::Picture;
 use crate::request::{FieldError, Request, Settings};
 
@@ -66,27 +66,38 @@ pub struct Generated {
 pub struct Component {
     path: PathBuf,
     resident: Option<Arc<OnnxModel>>,
+    engine: ModelOptions,
 }
 
 impl Component {
-    pub fn open(path: PathBuf, memory: MemoryMode) -> Result<Self> {
-        let model = Arc::new(OnnxModel::load(&path)?);
-        let resident = (memory == MemoryMode::Resident).then_some(model);
-        Ok(Component { path, resident })
+    pub fn open(path: PathBuf, options: &LoadOptions) -> Result<Self> {
+        let engine = ModelOptions {
+            cache_dir: options.cache_dir.clone(),
+            ..ModelOptions::default()
+        };
+        let model = Arc::new(OnnxModel::open(&path, &engine)?);
+        let resident = (options.memory == MemoryMode::Resident).then_some(model);
+        Ok(Component {
+            path,
+            resident,
+            engine,
+        })
     }
 
     pub fn get(&self) -> Result<Arc<OnnxModel>> {
         match &self.resident {
             Some(model) => Ok(model.clone()),
-            None => Ok(Arc::new(OnnxModel::load(&self.path)?)),
+            None => Ok(Arc::new(OnnxModel::open(&self.path, &self.engine)?)),
         }
     }
 }
 
 /// Options that apply to every pipeline of a process.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     pub memory: MemoryMode,
+    /// Compile cache directory (see `engine::ModelOptions`).
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// A loaded model of either kind.

@@ -1,0 +1,280 @@
+//! Compile cache: a graph's decluttered, shape-fixed form saved as NNEF (with
+//! tract's extensions), so a restart skips ONNX parsing, type analysis and
+//! decluttering and only runs tract's final codegen pass.
+//!
+//! tract cannot serialize an *optimized* plan (its packed kernels and
+//! CPU-specific ops have no NNEF form), so the cached graph is the last
+//! portable stage; what remains on a warm start is loading it and `into_optimized`.
+//!
+//! Layout under the cache directory:
+//! - `files/<sha256 of the model path>.json`: the model's SHA-256 content
+//!   hash, trusted while the file (and its external data files) keep their
+//!   size and modification time, so a warm start does not re-read gigabytes.
+//! - `<model hash>/meta.json`: inputs, outputs and quantization summary.
+//! - `<model hash>/<plan key>.nnef.tar`: one graph per input-shape set; the key
+//!   also covers the tract and edgegen versions, float16 handling and the CPU.
+
+use std::fs;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::UNIX_EPOCH;
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tract_extra::WithTractExtra;
+use tract_nnef::framework::Nnef;
+use tract_onnx::prelude::*;
+use tract_onnx::WithOnnx;
+use tract_transformers::WithTractTransformers;
+
+use super::{GraphSummary, TensorSpec};
+
+mod nnef_ext;
+
+/// The tract release the crate is pinned to (`=` in Cargo.toml); part of every
+/// plan key, because NNEF from one tract release is not promised to load in another.
+pub const TRACT_VERSION: &str = "0.23.9";
+
+/// What a cached model needs to be used without parsing its ONNX file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<String>,
+    pub summary: GraphSummary,
+    /// Holds float16 tensors (weights, inputs or casts).
+    pub has_f16: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct FileStamp {
+    path: PathBuf,
+    bytes: u64,
+    modified_ns: u128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<FileStamp> {
+        let meta = fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+        let modified_ns = meta
+            .modified()?
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        Ok(FileStamp {
+            path: path.to_path_buf(),
+            bytes: meta.len(),
+            modified_ns,
+        })
+    }
+}
+
+/// The remembered content hash of one model file and its external data.
+#[derive(Debug, Serialize, Deserialize)]
+struct Fingerprint {
+    files: Vec<FileStamp>,
+    sha256: String,
+}
+
+/// One model's entries in the cache.
+#[derive(Clone, Debug)]
+pub struct CachedModel {
+    dir: PathBuf,
+    hash: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct PlanCache {
+    dir: PathBuf,
+}
+
+impl PlanCache {
+    pub fn new(dir: impl Into<PathBuf>) -> PlanCache {
+        PlanCache { dir: dir.into() }
+    }
+
+    /// The cached model for `path` if its remembered hash still applies and
+    /// its description was saved: nothing of the model file is read.
+    pub fn lookup(&self, path: &Path) -> Option<(CachedModel, ModelMeta)> {
+        let fingerprint: Fingerprint = read_json(&self.fingerprint_path(path).ok()?).ok()?;
+        let unchanged = fingerprint
+            .files
+            .iter()
+            .all(|stamp| FileStamp::of(&stamp.path).is_ok_and(|now| &now == stamp));
+        if !unchanged {
+            return None;
+        }
+        let model = self.model(&fingerprint.sha256);
+        let meta = read_json(&model.dir.join("meta.json")).ok()?;
+        Some((model, meta))
+    }
+
+    /// Hashes the model file and its external data files, remembers the hash
+    /// against their stamps, saves the description and drops the entries of
+    /// an earlier version of the same file.
+    pub fn record(
+        &self,
+        path: &Path,
+        external: &[PathBuf],
+        meta: &ModelMeta,
+    ) -> Result<CachedModel> {
+        let mut files = vec![path.to_path_buf()];
+        files.extend(external.iter().cloned());
+        let stamps = files
+            .iter()
+            .map(|f| FileStamp::of(f))
+            .collect::<Result<Vec<_>>>()?;
+        let sha256 = hash_files(&files)?;
+        let fingerprint_path = self.fingerprint_path(path)?;
+        if let Ok(old) = read_json::<Fingerprint>(&fingerprint_path) {
+            if old.sha256 != sha256 {
+                let stale = self.model(&old.sha256).dir;
+                if let Err(err) = fs::remove_dir_all(&stale) {
+                    log::debug!("compile cache: removing {}: {err}", stale.display());
+                }
+            }
+        }
+        let model = self.model(&sha256);
+        write_atomically(&model.dir.join("meta.json"), |w| {
+            serde_json::to_writer(w, meta).map_err(anyhow::Error::from)
+        })?;
+        let fingerprint = Fingerprint {
+            files: stamps,
+            sha256,
+        };
+        write_atomically(&fingerprint_path, |w| {
+            serde_json::to_writer(w, &fingerprint).map_err(anyhow::Error::from)
+        })?;
+        Ok(model)
+    }
+
+    fn model(&self, sha256: &str) -> CachedModel {
+        CachedModel {
+            dir: self.dir.join(sha256),
+            hash: sha256.to_string(),
+        }
+    }
+
+    fn fingerprint_path(&self, path: &Path) -> Result<PathBuf> {
+        let absolute = fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+        let name = hex(&Sha256::digest(absolute.as_os_str().as_encoded_bytes()));
+        Ok(self.dir.join("files").join(format!("{name}.json")))
+    }
+}
+
+impl CachedModel {
+    /// The saved graph for this plan key, if there is one that loads.
+    pub fn load(&self, key: &PlanKey) -> Option<TypedModel> {
+        let path = self.plan_path(key);
+        let file = fs::File::open(&path).ok()?;
+        match nnef().model_for_read(&mut BufReader::new(file)) {
+            Ok(model) => Some(model),
+            Err(err) => {
+                log::warn!(
+                    "compile cache: {} does not load ({err:#}); rebuilding it",
+                    path.display()
+                );
+                let _ = fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    pub fn store(&self, key: &PlanKey, model: &TypedModel) -> Result<()> {
+        write_atomically(&self.plan_path(key), |w| {
+            nnef()
+                .write_to_tar(model, w)
+                .map(|_| ())
+                .map_err(|e| anyhow!("{e:#}"))
+        })
+    }
+
+    fn plan_path(&self, key: &PlanKey) -> PathBuf {
+        self.dir
+            .join(format!("{}.nnef.tar", key.digest(&self.hash)))
+    }
+}
+
+/// Everything besides the model's content that decides the saved graph.
+#[derive(Debug)]
+pub struct PlanKey {
+    pub shapes: Vec<Vec<usize>>,
+    pub upcast_f16: bool,
+}
+
+impl PlanKey {
+    fn digest(&self, model_hash: &str) -> String {
+        let cpu = super::kernels::cpu_report();
+        let text = format!(
+            "model={model_hash}\nshapes={:?}\nupcast_f16={}\ntract={TRACT_VERSION}\nedgegen={}\ncpu={} {}",
+            self.shapes,
+            self.upcast_f16,
+            env!("CARGO_PKG_VERSION"),
+            cpu.arch,
+            cpu.features.join(","),
+        );
+        hex(&Sha256::digest(text.as_bytes()))[..32].to_string()
+    }
+}
+
+fn nnef() -> Nnef {
+    tract_nnef::nnef()
+        .with_onnx()
+        .with_tract_extra()
+        .with_tract_transformers()
+        .with_registry(nnef_ext::registry())
+}
+
+fn hash_files(files: &[PathBuf]) -> Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    for path in files {
+        let mut file = fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+        loop {
+            let n = file.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let file = fs::File::open(path)?;
+    Ok(serde_json::from_reader(BufReader::new(file))?)
+}
+
+/// Writes to a unique temporary name in the same directory and renames it
+/// into place, so a reader (or a second process) never sees half a file.
+fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow!("{}: no parent directory", path.display()))?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut writer = BufWriter::new(file);
+        write(&mut writer)?;
+        let file = writer.into_inner().map_err(|e| anyhow!("{}", e.error()))?;
+        file.sync_all()?;
+        fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
