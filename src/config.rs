@@ -257,7 +257,10 @@ mod tests {
             Some(PathBuf::from("/var/lib/edgegen/cache"))
         );
         config.engine.cache_dir = "/tmp/plans".into();
-        assert_eq!(config.compile_cache_dir(), Some(PathBuf::from("/tmp/plans")));
+        assert_eq!(
+            config.compile_cache_dir(),
+            Some(PathBuf::from("/tmp/plans"))
+        );
         config.engine.cache_dir = "off".into();
         assert_eq!(config.compile_cache_dir(), None);
     }

@@ -278,3 +278,35 @@ fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_keys_name_the_tract_release_cargo_pins() {
+        let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+            .expect("Cargo.toml");
+        assert!(
+            manifest.contains(&format!("tract-onnx = \"={TRACT_VERSION}\"")),
+            "TRACT_VERSION ({TRACT_VERSION}) is not the version Cargo.toml pins tract-onnx to"
+        );
+    }
+
+    #[test]
+    fn plan_keys_differ_by_shape_and_float16_handling() {
+        let key = |shapes: Vec<Vec<usize>>, upcast_f16| PlanKey { shapes, upcast_f16 }.digest("m");
+        let base = key(vec![vec![1, 4, 8, 8]], false);
+        assert_eq!(base, key(vec![vec![1, 4, 8, 8]], false));
+        assert_ne!(base, key(vec![vec![1, 4, 16, 16]], false));
+        assert_ne!(base, key(vec![vec![1, 4, 8, 8]], true));
+        assert_ne!(
+            base,
+            PlanKey {
+                shapes: vec![vec![1, 4, 8, 8]],
+                upcast_f16: false
+            }
+            .digest("other")
+        );
+    }
+}
