@@ -15,6 +15,8 @@ CPU, one thread, seeded; checkpoints every few minutes to <run_dir>/ckpt.pt and 
     /work/venv/bin/python tools/train_gan.py export --run /work/train/gan --out models/scenes-gan
     /work/venv/bin/python tools/train_gan.py sample --run /work/train/gan        # grid PNG in the run dir
     /work/venv/bin/python tools/train_gan.py eval --out models/scenes-gan        # scene checker on the bundle
+    /work/venv/bin/python tools/train_gan.py references --out models/scenes-gan \
+        --dest tests/fixtures/bundled/scenes-gan                                     # regression test pictures
 """
 
 from __future__ import annotations
@@ -368,9 +370,44 @@ def evaluate(args) -> None:
     print(f"grid (rows: {', '.join(COLOURS)}; columns: {', '.join(OBJECTS)}) in {args.grid}")
 
 
+REFERENCE_CASES = [("a red apple", 1), ("a blue car", 2), ("a yellow sun above a house", 3),
+                   ("a green tree", 4), ("an orange flower", 5), ("a purple cloud", 6)]
+
+
+def references(args) -> None:
+    """Pictures of the exported bundle through onnxruntime for fixed prompts and seeds, drawn the way a
+    batch-1 request draws them, for tests/bundled_models.rs. Each prompt names one colour and one object
+    before anything else, which is the class edgegen picks."""
+    import bundle_io as io
+    import tomllib
+    from PIL import Image
+
+    out, dest = Path(args.out), Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    manifest = tomllib.loads((out / "edgegen.toml").read_text(encoding="utf-8"))
+    truncation = manifest["gan"]["truncation"]
+    session = io.ort_session(out / "generator" / "model.onnx")
+    cases = []
+    for prompt, seed in REFERENCE_CASES:
+        words = prompt.split()
+        colour = next(w for w in words if w in COLOURS)
+        obj = next(w for w in words if w in OBJECTS)
+        k = CLASSES.index(f"{colour} {obj}")
+        z = torch.randn([1, LATENT_DIM], generator=torch.Generator("cpu").manual_seed(seed)) * truncation
+        img = session.run(["image"], {"z": z.numpy(), "class_label": np.array([k], dtype=np.int64)})[0]
+        pic = np.clip((img[0].transpose(1, 2, 0) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        name = f"seed{seed}-{colour}-{obj}.png"
+        Image.fromarray(pic).save(dest / name)
+        cases.append({"prompt": prompt, "seed": seed, "class": f"{colour} {obj}", "png": name})
+    (dest / "cases.json").write_text(json.dumps({
+        "model": out.name, "reference": "onnxruntime on generator/model.onnx, tools/train_gan.py references",
+        "cases": cases}, indent=1) + "\n", encoding="utf-8")
+    print(f"{len(cases)} reference pictures in {dest}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "export", "sample", "eval"])
+    p.add_argument("command", choices=["train", "export", "sample", "eval", "references"])
     p.add_argument("--run", default="/work/train/gan")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch", type=int, default=64)
@@ -382,8 +419,10 @@ def main() -> None:
     p.add_argument("--per-class-eval", type=int, default=5)
     p.add_argument("--eval-json", default="", help="also write the summary to this file")
     p.add_argument("--grid", default="/tmp/scenes-gan-grid.png")
+    p.add_argument("--dest", default="tests/fixtures/bundled/scenes-gan")
     args = p.parse_args()
-    {"train": train, "export": export, "sample": sample, "eval": evaluate}[args.command](args)
+    {"train": train, "export": export, "sample": sample, "eval": evaluate,
+     "references": references}[args.command](args)
 
 
 if __name__ == "__main__":
