@@ -93,4 +93,4 @@ shift
 echo "cross/build.sh: cargo $command --target $target $*" \
     "(runner: $(printenv "CARGO_TARGET_${triple}_RUNNER"))" >&2
 # --target goes right after the command, before any `--` that starts the program's arguments.
-cargo "$command" --target "$target" "$@"
+exec cargo "$command" --target "$target" "$@"

@@ -328,7 +328,7 @@ def evaluate(args) -> None:
     rows = []
     for k, name in enumerate(CLASSES):
         for i in range(args.per_class_eval):
-            seed = 10_000 + k * 100 + i
+            seed = args.seed_base + k * 100 + i
             z = torch.randn([1, LATENT_DIM], generator=torch.Generator("cpu").manual_seed(seed)) * args.truncation
             img = session.run(["image"], {"z": z.numpy(), "class_label": np.array([k], dtype=np.int64)})[0]
             pic = np.clip((img[0].transpose(1, 2, 0) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
@@ -420,6 +420,8 @@ def main() -> None:
     p.add_argument("--eval-json", default="", help="also write the summary to this file")
     p.add_argument("--grid", default="/tmp/scenes-gan-grid.png")
     p.add_argument("--dest", default="tests/fixtures/bundled/scenes-gan")
+    p.add_argument("--seed-base", type=int, default=10_000,
+                   help="eval seeds are seed-base + 100 * class + i (another base: a validation set)")
     args = p.parse_args()
     {"train": train, "export": export, "sample": sample, "eval": evaluate,
      "references": references}[args.command](args)
