@@ -67,27 +67,31 @@ struct LoadingAllocator;
 
 impl LoadingAllocator {
     fn new() -> LoadingAllocator {
-        set_mmap_threshold(128 * 1024);
+        set_malloc_thresholds(128 * 1024);
         LoadingAllocator
     }
 }
 
 impl Drop for LoadingAllocator {
     fn drop(&mut self) {
-        set_mmap_threshold(32 * 1024 * 1024);
+        set_malloc_thresholds(32 * 1024 * 1024);
     }
 }
 
+/// The mmap threshold, and the heap trim threshold at twice it, as glibc's
+/// own adjustment sets them: a trim threshold left at its 128 kB default
+/// would hand the heap's top back after every run and fault it in again.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn set_mmap_threshold(bytes: i32) {
+fn set_malloc_thresholds(mmap_bytes: i32) {
     // SAFETY: mallopt only changes glibc's allocation policy; no memory is touched.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, mmap_bytes);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, mmap_bytes.saturating_mul(2));
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn set_mmap_threshold(_bytes: i32) {}
+fn set_malloc_thresholds(_mmap_bytes: i32) {}
 
 /// Sets how many threads tract's matrix kernels use; 0 means every core.
 pub fn set_threads(threads: usize) {
