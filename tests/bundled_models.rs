@@ -58,12 +58,20 @@ fn check_model(dir: &Path) -> Vec<(String, u8)> {
             steps: case["steps"].as_u64().map(|s| s as u32),
             ..Request::default()
         };
-        let settings = pipeline.resolve(&request, &Limits::default()).expect("resolves");
-        let generated = pipeline.generate(&settings, &mut |_, _| true).expect("generates");
+        let settings = pipeline
+            .resolve(&request, &Limits::default())
+            .expect("resolves");
+        let generated = pipeline
+            .generate(&settings, &mut |_, _| true)
+            .expect("generates");
         let picture = &generated.pictures[0];
         let png = case["png"].as_str().expect("png");
         let (width, height, want) = reference_rgb(&dir.join(png));
-        assert_eq!((picture.width, picture.height), (width, height), "{model} {png}: size");
+        assert_eq!(
+            (picture.width, picture.height),
+            (width, height),
+            "{model} {png}: size"
+        );
         let diff = picture
             .rgb
             .iter()

@@ -144,53 +144,81 @@ fn tiny_vae() -> (PathBuf, Value) {
     )
 }
 
-#[test]
-fn a_changed_model_is_parsed_again_and_its_old_entries_dropped() {
+/// A copy of the tiny VAE decoder that a test may change, a cache beside it,
+/// and the decoder's outputs from a first (cold) start.
+struct Scratch {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    cache: PathBuf,
+    inputs: Value,
+    outputs: Vec<ArrayD<f32>>,
+}
+
+fn scratch_vae() -> Scratch {
     let (source, inputs) = tiny_vae();
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let path = dir.path().join("model.onnx");
-    fs::copy(&source, &path).unwrap();
-    run(&open(&path, Some(&cache)), &inputs);
-    let old_plans = plan_files(&cache);
+    fs::copy(source, &path).unwrap();
+    let outputs = run(&open(&path, Some(&cache)), &inputs);
+    Scratch {
+        _dir: dir,
+        path,
+        cache,
+        inputs,
+        outputs,
+    }
+}
+
+#[test]
+fn a_changed_model_is_parsed_again_and_its_old_entries_dropped() {
+    let Scratch {
+        path,
+        cache,
+        inputs,
+        ..
+    } = &scratch_vae();
+    let source = tiny_vae().0;
+    let old_plans = plan_files(cache);
     assert_eq!(old_plans.len(), 1);
 
     // Another decoder with the same input: different weights, so different outputs.
     let other = fixtures().join("bundles/tiny-lcm/vae_decoder/model.onnx");
     assert_ne!(fs::read(&other).unwrap(), fs::read(&source).unwrap());
-    fs::copy(&other, &path).unwrap();
-    let changed = open(&path, Some(&cache));
+    fs::copy(&other, path).unwrap();
+    let changed = open(path, Some(cache));
     assert_eq!(changed.cache_use(), CacheUse::Cold);
-    assert_eq!(run(&changed, &inputs), run(&open(&other, None), &inputs));
+    assert_eq!(run(&changed, inputs), run(&open(&other, None), inputs));
     assert!(
         !old_plans[0].exists(),
         "the old model's graph is still cached"
     );
-    assert_eq!(plan_files(&cache).len(), 1);
+    assert_eq!(plan_files(cache).len(), 1);
 }
 
 #[test]
 fn a_touched_but_unchanged_model_keeps_its_plans() {
-    let (source, inputs) = tiny_vae();
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let path = dir.path().join("model.onnx");
-    fs::copy(&source, &path).unwrap();
-    let expected = run(&open(&path, Some(&cache)), &inputs);
-    let plans = plan_files(&cache);
+    let Scratch {
+        path,
+        cache,
+        inputs,
+        outputs: expected,
+        ..
+    } = &scratch_vae();
+    let plans = plan_files(cache);
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
     fs::File::options()
         .write(true)
-        .open(&path)
+        .open(path)
         .unwrap()
         .set_modified(later)
         .unwrap();
     // The stamp changed, so the file is hashed (and parsed) again: same hash.
-    let touched = open(&path, Some(&cache));
+    let touched = open(path, Some(cache));
     assert_eq!(touched.cache_use(), CacheUse::Cold);
-    assert_eq!(run(&touched, &inputs), expected);
-    assert_eq!(plan_files(&cache), plans);
-    assert_eq!(open(&path, Some(&cache)).cache_use(), CacheUse::Warm);
+    assert_eq!(run(&touched, inputs), *expected);
+    assert_eq!(plan_files(cache), plans);
+    assert_eq!(open(path, Some(cache)).cache_use(), CacheUse::Warm);
 }
 
 #[test]

@@ -23,36 +23,12 @@ const LOOKUP_TABLE: &str = "edgegen_lookup_table";
 pub fn registry() -> Registry {
     let mut registry = Registry::new("edgegen");
     registry.register_unit_element_wise("edgegen_gelu_exact", &GeluExact {});
-    registry.register_element_wise(
-        QUANTIZE_U8,
-        TypeId::of::<QuantizeLinearU8>(),
-        Box::new(|ast, node| {
-            let op = mini_op::<QuantizeLinearU8>(node)?;
-            Ok(Some(quantize_call(
-                ast,
-                node,
-                QUANTIZE_U8,
-                Affine::of(op.scale, op.zero_point),
-            )))
-        }),
-        scale_and_zero_point(),
-        load_quantize_u8,
-    );
-    registry.register_element_wise(
-        QUANTIZE_I8,
-        TypeId::of::<QuantizeLinearI8>(),
-        Box::new(|ast, node| {
-            let op = mini_op::<QuantizeLinearI8>(node)?;
-            Ok(Some(quantize_call(
-                ast,
-                node,
-                QUANTIZE_I8,
-                Affine::of(op.scale, op.zero_point),
-            )))
-        }),
-        scale_and_zero_point(),
-        load_quantize_i8,
-    );
+    register_quantize::<QuantizeLinearU8>(&mut registry, QUANTIZE_U8, load_quantize_u8, |op| {
+        Affine::of(op.scale, op.zero_point)
+    });
+    register_quantize::<QuantizeLinearI8>(&mut registry, QUANTIZE_I8, load_quantize_i8, |op| {
+        Affine::of(op.scale, op.zero_point)
+    });
     registry.register_element_wise(
         LOOKUP_TABLE,
         TypeId::of::<LookupTable>(),
@@ -71,6 +47,24 @@ pub fn registry() -> Registry {
         load_dequantize,
     );
     registry
+}
+
+fn register_quantize<T: ElementWiseMiniOp>(
+    registry: &mut Registry,
+    id: &'static str,
+    load: ToTract,
+    affine: fn(&T) -> Affine,
+) {
+    registry.register_element_wise(
+        id,
+        TypeId::of::<T>(),
+        Box::new(move |ast, node| {
+            let op = mini_op::<T>(node)?;
+            Ok(Some(quantize_call(ast, node, id, affine(op))))
+        }),
+        scale_and_zero_point(),
+        load,
+    );
 }
 
 fn scale_and_zero_point() -> Vec<Parameter> {
