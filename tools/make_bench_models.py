@@ -116,10 +116,21 @@ class Spec:
 # --- Export -------------------------------------------------------------------------------------
 
 
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    """Recent protobuf releases refuse to even measure a message above 2 GB."""
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights >= PROTOBUF_LIMIT:
+        return False
+    try:
+        return model.ByteSize() < PROTOBUF_LIMIT
+    except Exception:  # google.protobuf.message.EncodeError
+        return False
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Inline below protobuf's 2 GB limit, else one external data file next to it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if fits_in_protobuf(model):
         onnx.checker.check_model(model)
         onnx.save(model, str(path))
         return
