@@ -13,6 +13,7 @@ out: in a UNet it is well under 1% of the arithmetic. FLOPs = 2 x MACs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -106,7 +107,9 @@ def count_macs(path: Path, shapes: dict[str, list[int]]) -> dict:
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-            symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            # It reads external data by its relative location: resolve it from the model's directory.
+            with contextlib.chdir(path.parent):
+                symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
             by_op2, unknown2 = _count(symbolic)
             if len(unknown2) < len(unknown):
                 by_op, unknown, method = by_op2, unknown2, "onnxruntime symbolic shape inference"
