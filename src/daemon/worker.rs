@@ -2,8 +2,9 @@
 //! time through the same `generate::run_job` path as the CLI, and reports
 //! progress over a channel. The MQTT side never waits for it.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,10 +23,52 @@ use crate::retention;
 
 /// Loaded pipelines shared by the request checks and the worker, so a model
 /// is in memory once. At most `CAPACITY` stay loaded (least recently used
-/// goes first); a pipeline still in use lives on until its job ends.
+/// goes first); a pipeline still in use lives on until its job ends. A model
+/// that failed to load is remembered with its files' sizes and times: the
+/// next request gets the same error without parsing gigabytes again, until
+/// a file of the bundle changes.
 pub struct Models {
     config: Config,
     loaded: Mutex<Vec<(String, Arc<Pipeline>)>>,
+    failed: Mutex<HashMap<String, Failure>>,
+    loads: AtomicUsize,
+}
+
+struct Failure {
+    files: Vec<FileStamp>,
+    message: String,
+}
+
+/// A file of a bundle as the file system describes it.
+#[derive(PartialEq)]
+struct FileStamp {
+    path: PathBuf,
+    bytes: u64,
+    modified: Option<SystemTime>,
+}
+
+fn bundle_files(dir: &Path) -> Vec<FileStamp> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else {
+                files.push(FileStamp {
+                    path: entry.path(),
+                    bytes: meta.len(),
+                    modified: meta.modified().ok(),
+                });
+            }
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files
 }
 
 const CAPACITY: usize = 2;
@@ -35,6 +78,8 @@ impl Models {
         Models {
             config,
             loaded: Mutex::new(Vec::new()),
+            failed: Mutex::new(HashMap::new()),
+            loads: AtomicUsize::new(0),
         }
     }
 
@@ -56,17 +101,40 @@ impl Models {
             loaded.push(entry);
             return Ok(pipeline);
         }
+        let pipeline = Arc::new(self.load(bundle)?);
+        if loaded.len() >= CAPACITY {
+            loaded.remove(0);
+        }
+        loaded.push((bundle.id.clone(), pipeline.clone()));
+        Ok(pipeline)
+    }
+
+    /// Loads a bundle, or repeats why it failed before if none of its files changed since.
+    fn load(&self, bundle: &Bundle) -> Result<Pipeline> {
+        let mut failed = self
+            .failed
+            .lock()
+            .map_err(|_| anyhow::anyhow!("model failure cache poisoned"))?;
+        let files = bundle_files(&bundle.dir);
+        if let Some(failure) = failed.get(&bundle.id).filter(|f| f.files == files) {
+            anyhow::bail!("{}", failure.message);
+        }
+        self.loads.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let pipeline = Arc::new(crate::commands::load_pipeline(&self.config, bundle)?);
+        let pipeline = match crate::commands::load_pipeline(&self.config, bundle) {
+            Ok(pipeline) => pipeline,
+            Err(err) => {
+                let message = format!("{err:#}");
+                failed.insert(bundle.id.clone(), Failure { files, message });
+                return Err(err);
+            }
+        };
+        failed.remove(&bundle.id);
         log::info!(
             "loaded model '{}' in {:.1} s",
             bundle.id,
             started.elapsed().as_secs_f64()
         );
-        if loaded.len() >= CAPACITY {
-            loaded.remove(0);
-        }
-        loaded.push((bundle.id.clone(), pipeline.clone()));
         Ok(pipeline)
     }
 }
@@ -304,6 +372,43 @@ fn classify(err: &anyhow::Error) -> ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broken_model_is_parsed_once_until_its_files_change() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bundles");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle_dir = dir.path().join("gan");
+        copy_tree(&fixtures.join("gan-class"), &bundle_dir);
+        let generator = bundle_dir.join("generator/model.onnx");
+        let good = std::fs::read(&generator).expect("generator");
+        std::fs::write(&generator, &good[..good.len() / 2]).expect("truncate");
+        let mut config = Config::default();
+        config.models.dir = dir.path().to_path_buf();
+        config.engine.cache_dir = "off".into();
+        let models = Models::new(config);
+        let bundle = models.bundle("gan").expect("manifest is fine");
+
+        let first = format!("{:#}", models.get(&bundle).err().expect("broken"));
+        let second = format!("{:#}", models.get(&bundle).err().expect("still broken"));
+        assert_eq!(first, second);
+        assert_eq!(models.loads.load(Ordering::Relaxed), 1, "parsed again");
+
+        std::fs::write(&generator, &good).expect("repair");
+        assert!(models.get(&bundle).is_ok(), "repaired model not loaded");
+        assert_eq!(models.loads.load(Ordering::Relaxed), 2);
+    }
+
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for entry in std::fs::read_dir(from).expect("read_dir").flatten() {
+            let target = to.join(entry.file_name());
+            if entry.path().is_dir() {
+                copy_tree(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).expect("copy");
+            }
+        }
+    }
 
     #[test]
     fn failures_map_to_error_codes() {
