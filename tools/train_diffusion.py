@@ -143,7 +143,7 @@ def load_models(run: Path, ema: bool = True):
 
 
 def train(args) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     unet, te = build_unet(), io.build_text_encoder()
@@ -424,6 +424,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (AMX CPUs: faster)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="training threads (2 when nothing else runs on a 2-core machine)")
     p.add_argument("--save-seconds", type=float, default=180.0)
     p.add_argument("--sample-every", type=int, default=250)
     p.add_argument("--out", default="models/scenes-sd")
