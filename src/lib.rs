@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod doctor;
 pub mod engine;
+pub mod file_stamp;
 pub mod generate;
 pub mod kiosk;
 pub mod mqtt;

@@ -3,7 +3,7 @@
 //! progress over a channel. The MQTT side never waits for it.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::bundle::{self, Bundle};
 use crate::config::Config;
+use crate::file_stamp::FileStamp;
 use crate::generate::{run_job, JobSpec, Outcome};
 use crate::mqtt::messages::{ErrorBody, ErrorCode};
 use crate::pipeline::{Cancelled, Pipeline};
@@ -37,38 +38,6 @@ pub struct Models {
 struct Failure {
     files: Vec<FileStamp>,
     message: String,
-}
-
-/// A file of a bundle as the file system describes it.
-#[derive(PartialEq)]
-struct FileStamp {
-    path: PathBuf,
-    bytes: u64,
-    modified: Option<SystemTime>,
-}
-
-fn bundle_files(dir: &Path) -> Vec<FileStamp> {
-    let mut files = Vec::new();
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                dirs.push(entry.path());
-            } else {
-                files.push(FileStamp {
-                    path: entry.path(),
-                    bytes: meta.len(),
-                    modified: meta.modified().ok(),
-                });
-            }
-        }
-    }
-    files.sort_by(|a, b| a.path.cmp(&b.path));
-    files
 }
 
 const CAPACITY: usize = 2;
@@ -115,7 +84,7 @@ impl Models {
             .failed
             .lock()
             .map_err(|_| anyhow::anyhow!("model failure cache poisoned"))?;
-        let files = bundle_files(&bundle.dir);
+        let files = FileStamp::all_under(&bundle.dir);
         if let Some(failure) = failed.get(&bundle.id).filter(|f| f.files == files) {
             anyhow::bail!("{}", failure.message);
         }
@@ -371,6 +340,8 @@ fn classify(err: &anyhow::Error) -> ErrorBody {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]

@@ -18,7 +18,6 @@ use std::fs;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::UNIX_EPOCH;
 
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -30,6 +29,7 @@ use tract_onnx::WithOnnx;
 use tract_transformers::WithTractTransformers;
 
 use super::{GraphSummary, TensorSpec};
+use crate::file_stamp::FileStamp;
 
 mod nnef_ext;
 
@@ -45,29 +45,6 @@ pub struct ModelMeta {
     pub summary: GraphSummary,
     /// Holds float16 tensors (weights, inputs or casts).
     pub has_f16: bool,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-struct FileStamp {
-    path: PathBuf,
-    bytes: u64,
-    modified_ns: u128,
-}
-
-impl FileStamp {
-    fn of(path: &Path) -> Result<FileStamp> {
-        let meta = fs::metadata(path).with_context(|| format!("{}", path.display()))?;
-        let modified_ns = meta
-            .modified()?
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        Ok(FileStamp {
-            path: path.to_path_buf(),
-            bytes: meta.len(),
-            modified_ns,
-        })
-    }
 }
 
 /// The remembered content hash of one model file and its external data.
@@ -98,10 +75,7 @@ impl PlanCache {
     /// its description was saved: nothing of the model file is read.
     pub fn lookup(&self, path: &Path) -> Option<(CachedModel, ModelMeta)> {
         let fingerprint: Fingerprint = read_json(&self.fingerprint_path(path).ok()?).ok()?;
-        let unchanged = fingerprint
-            .files
-            .iter()
-            .all(|stamp| FileStamp::of(&stamp.path).is_ok_and(|now| &now == stamp));
+        let unchanged = fingerprint.files.iter().all(FileStamp::unchanged);
         if !unchanged {
             return None;
         }
@@ -123,7 +97,7 @@ impl PlanCache {
         files.extend(external.iter().cloned());
         let stamps = files
             .iter()
-            .map(|f| FileStamp::of(f))
+            .map(|f| FileStamp::of(f).with_context(|| format!("{}", f.display())))
             .collect::<Result<Vec<_>>>()?;
         let sha256 = hash_files(&files)?;
         let fingerprint_path = self.fingerprint_path(path)?;
