@@ -354,6 +354,8 @@ pub struct OnnxBenchSpec {
     pub save_outputs: Option<PathBuf>,
     /// Compile cache directory; `None`: none.
     pub cache_dir: Option<PathBuf>,
+    /// See `engine::ModelOptions::attention_slice_bytes`.
+    pub attention_slice_bytes: Option<usize>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -384,6 +386,8 @@ pub struct OnnxBenchReport {
     pub runs_ms: Vec<f64>,
     /// Resident memory before loading (the binary itself).
     pub rss_before_load_bytes: Option<u64>,
+    /// Peak resident memory once the plan is built, before the first run.
+    pub optimized_peak_rss_bytes: Option<u64>,
     pub peak_rss_bytes: Option<u64>,
     pub outputs: Vec<TensorInfo>,
 }
@@ -432,6 +436,7 @@ pub fn run_onnx(spec: &OnnxBenchSpec) -> Result<OnnxBenchReport> {
     let loading = Instant::now();
     let options = ModelOptions {
         cache_dir: spec.cache_dir.clone(),
+        attention_slice_bytes: spec.attention_slice_bytes,
         ..ModelOptions::default()
     };
     let model = OnnxModel::open(&spec.path, &options)?;
@@ -447,6 +452,7 @@ pub fn run_onnx(spec: &OnnxBenchSpec) -> Result<OnnxBenchReport> {
     let optimizing = Instant::now();
     model.prepare(feed())?;
     let optimize_ms = millis(optimizing.elapsed());
+    let optimized_peak_rss_bytes = peak_rss_bytes();
     let first = Instant::now();
     let outputs = model.run(feed())?;
     let first_run_ms = millis(first.elapsed());
@@ -471,6 +477,7 @@ pub fn run_onnx(spec: &OnnxBenchSpec) -> Result<OnnxBenchReport> {
         median_ms: median(runs_ms.clone()).unwrap_or(0.0),
         runs_ms,
         rss_before_load_bytes,
+        optimized_peak_rss_bytes,
         peak_rss_bytes,
         outputs,
     })

@@ -41,12 +41,26 @@ pub enum MemoryMode {
     Sequential,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     pub threads: usize,
     pub memory: MemoryMode,
     pub cache_dir: PathBuf,
+    /// Largest attention score tensor computed whole, in MiB; larger ones run
+    /// in slices of query rows. 0 computes every one whole.
+    pub attention_slice_mb: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            threads: 0,
+            memory: MemoryMode::default(),
+            cache_dir: PathBuf::new(),
+            attention_slice_mb: crate::engine::DEFAULT_ATTENTION_SLICE_BYTES >> 20,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -158,6 +172,14 @@ impl Config {
         }
     }
 
+    /// `engine.attention_slice_mb` in bytes; `None` when slicing is off.
+    pub fn attention_slice_bytes(&self) -> Option<usize> {
+        match self.engine.attention_slice_mb {
+            0 => None,
+            mb => Some(mb.saturating_mul(1 << 20)),
+        }
+    }
+
     /// Reads a config file; unknown keys and wrong types are errors naming the key.
     pub fn from_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
@@ -263,6 +285,16 @@ mod tests {
         );
         config.engine.cache_dir = "off".into();
         assert_eq!(config.compile_cache_dir(), None);
+    }
+
+    #[test]
+    fn attention_slicing_is_on_unless_zero() {
+        let config = Config::default();
+        assert_eq!(config.attention_slice_bytes(), Some(32 << 20));
+        let config = Config::from_toml("[engine]\nattention_slice_mb = 0").unwrap();
+        assert_eq!(config.attention_slice_bytes(), None);
+        let config = Config::from_toml("[engine]\nattention_slice_mb = 8").unwrap();
+        assert_eq!(config.attention_slice_bytes(), Some(8 << 20));
     }
 
     #[test]

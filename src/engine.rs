@@ -14,6 +14,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
+mod attention;
 mod cache;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -23,6 +24,12 @@ mod quant;
 pub use quant::F16Mode;
 
 use cache::{CachedModel, ModelMeta, PlanCache, PlanKey};
+
+/// Score tensors above this size are computed in slices no larger than it:
+/// small enough that the scores stop setting the peak memory of a 512² UNet,
+/// large enough that each slice's products stay big matrix products (at
+/// 512², 32 MiB is about 400 query rows of five heads against 4096 keys).
+pub const DEFAULT_ATTENTION_SLICE_BYTES: usize = 32 << 20;
 
 /// tract turns small-channel 3×3 convolutions (input channels × taps ≤ 576,
 /// e.g. TAESD's 64-channel layers) into its direct spatial convolution, whose
@@ -249,6 +256,9 @@ pub struct ModelOptions {
     pub f16_mode: F16Mode,
     /// Compile cache directory; `None` optimizes from the ONNX file every time.
     pub cache_dir: Option<PathBuf>,
+    /// Attention whose score tensor is larger runs in slices of query rows no
+    /// larger than this; `None` computes every score matrix whole.
+    pub attention_slice_bytes: Option<usize>,
 }
 
 impl Default for ModelOptions {
@@ -256,6 +266,7 @@ impl Default for ModelOptions {
         ModelOptions {
             f16_mode: F16Mode::from_env_or_cpu(),
             cache_dir: None,
+            attention_slice_bytes: Some(DEFAULT_ATTENTION_SLICE_BYTES),
         }
     }
 }
@@ -293,6 +304,7 @@ pub struct OnnxModel {
     upcast_f16: bool,
     cached: Option<CachedModel>,
     cache_use: CacheUse,
+    attention_slice_bytes: Option<usize>,
     plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
 }
 
@@ -322,7 +334,7 @@ impl OnnxModel {
             path,
             &ModelOptions {
                 f16_mode,
-                cache_dir: None,
+                ..ModelOptions::default()
             },
         )
     }
@@ -374,6 +386,7 @@ impl OnnxModel {
                 (Some(_), false) => CacheUse::Warm,
             },
             cached,
+            attention_slice_bytes: options.attention_slice_bytes,
             plans: Mutex::new(HashMap::new()),
         }
     }
@@ -589,6 +602,18 @@ impl OnnxModel {
         #[cfg(feature = "cuda")]
         if let Some(plan) = cuda::prepare(&typed).with_context(context)? {
             return Ok(plan);
+        }
+        let mut typed = typed;
+        if let Some(bytes) = self.attention_slice_bytes {
+            let sliced = attention::slice_attention(&mut typed, bytes)
+                .map_err(|e| anyhow!("{e:#}"))
+                .with_context(context)?;
+            if sliced > 0 {
+                log::debug!(
+                    "{}: {sliced} attention blocks run in slices",
+                    self.path.display()
+                );
+            }
         }
         let optimized = codegen(typed).with_context(context)?;
         let runnable = optimized

@@ -78,6 +78,10 @@ struct BenchArgs {
     /// resident or sequential (default: engine.memory).
     #[arg(long, conflicts_with = "onnx")]
     memory: Option<String>,
+    /// Largest attention score tensor computed whole, in MiB; 0: all whole
+    /// (default: engine.attention_slice_mb).
+    #[arg(long, value_name = "MIB")]
+    attention_slice_mb: Option<usize>,
     #[arg(long)]
     width: Option<u32>,
     #[arg(long)]
@@ -228,6 +232,9 @@ fn bench(mut config: edgegen::config::Config, args: BenchArgs) -> anyhow::Result
     if let Some(threads) = args.threads {
         config.engine.threads = threads;
     }
+    if let Some(mb) = args.attention_slice_mb {
+        config.engine.attention_slice_mb = mb;
+    }
     if let Some(path) = args.onnx {
         let spec = bench::OnnxBenchSpec {
             path,
@@ -240,6 +247,7 @@ fn bench(mut config: edgegen::config::Config, args: BenchArgs) -> anyhow::Result
             runs: args.runs,
             save_outputs: args.save_outputs,
             cache_dir: args.cache_dir,
+            attention_slice_bytes: config.attention_slice_bytes(),
         };
         let report = bench::run_onnx(&spec)?;
         let text = if args.json {

@@ -10,17 +10,20 @@
 mod common;
 
 use common::{array, fixtures, named_inputs, read_json};
-use edgegen::engine::{ElementType, Input, OnnxModel};
+use edgegen::engine::{ElementType, Input, ModelOptions, OnnxModel};
 use ndarray::{ArrayD, IxDyn};
 
 const TOLERANCE: f32 = 1e-4;
 
 fn check_component(bundle: &str, component: &str) -> f32 {
+    check_component_with(bundle, component, &ModelOptions::default())
+}
+
+fn check_component_with(bundle: &str, component: &str, options: &ModelOptions) -> f32 {
     let reference = read_json(&fixtures().join(format!("references/components-{bundle}.json")));
     let call = &reference[component];
-    let model =
-        OnnxModel::load(&fixtures().join(format!("bundles/{bundle}/{component}/model.onnx")))
-            .unwrap();
+    let path = fixtures().join(format!("bundles/{bundle}/{component}/model.onnx"));
+    let model = OnnxModel::open(&path, options).unwrap();
     let inputs = named_inputs(&call["inputs"]);
     let outputs = model.run(inputs).unwrap();
     let (name, expected) = call["outputs"].as_object().unwrap().iter().next().unwrap();
@@ -46,6 +49,50 @@ fn components_equal_pytorch() {
             assert!(
                 diff <= TOLERANCE,
                 "{bundle}/{component}: max abs diff {diff}"
+            );
+        }
+    }
+}
+
+/// With a slice budget of a few bytes every attention block runs one query row
+/// at a time: the plan has more softmaxes, and the outputs still equal PyTorch's.
+#[test]
+fn attention_in_slices_equals_pytorch() {
+    let whole = ModelOptions {
+        attention_slice_bytes: None,
+        ..ModelOptions::default()
+    };
+    let sliced = ModelOptions {
+        attention_slice_bytes: Some(16),
+        ..ModelOptions::default()
+    };
+    for bundle in ["tiny-sd", "tiny-lcm"] {
+        for component in ["unet", "vae_decoder"] {
+            let diff = check_component_with(bundle, component, &sliced);
+            assert!(
+                diff <= TOLERANCE,
+                "{bundle}/{component} in slices: max abs diff {diff}"
+            );
+            let softmaxes = |options: &ModelOptions| {
+                let path = fixtures().join(format!("bundles/{bundle}/{component}/model.onnx"));
+                let model = OnnxModel::open(&path, options).unwrap();
+                let reference =
+                    read_json(&fixtures().join(format!("references/components-{bundle}.json")));
+                model
+                    .run(named_inputs(&reference[component]["inputs"]))
+                    .unwrap();
+                model
+                    .plan_op_counts()
+                    .unwrap()
+                    .get("Softmax")
+                    .copied()
+                    .unwrap_or(0)
+            };
+            let (before, after) = (softmaxes(&whole), softmaxes(&sliced));
+            assert!(before > 0, "{bundle}/{component}: no attention found");
+            assert!(
+                after > before,
+                "{bundle}/{component}: {before} softmaxes whole, {after} in slices"
             );
         }
     }

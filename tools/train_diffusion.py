@@ -9,7 +9,8 @@ The bundle's vae_decoder/config.json says block_out_channels of length 3 (4x ups
 latent_channels 48, which is all a pipeline needs to size the latents.
 
 Training: v-prediction on Stable Diffusion's betas (scaled_linear 0.00085 -> 0.012, 1000 steps),
-min-SNR-5 loss weights, 10% empty captions (for classifier-free guidance), AdamW, EMA of the weights.
+loss weights min(SNR + 1, 5) / (SNR + 1) on the v error (`--weighting v-min5`, see loss_weight), 10% empty
+captions (for classifier-free guidance), AdamW, EMA of the weights.
 Data: captions and pictures from tools/scenes.py, split "train" (no held-out combination), example
 number n of a seeded stream, so resuming replays the same data.
 
@@ -118,6 +119,23 @@ class Tokens:
         return torch.tensor(out, dtype=torch.int64)
 
 
+def loss_weight(alpha_bar: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Per-example weight on the squared v error.
+
+    "min-snr5" is diffusers' min-SNR-5 for v-prediction, min(SNR, 5) / (SNR + 1): it is about 0.005 at
+    t = 999 and below 0.06 for t > 750, so the high-noise steps that decide where objects go (the first of a
+    4-step sampler is t = 999) barely train; steps 0-13975 of the first run used it and placed the two
+    objects of a relation caption at random. "v-min5" keeps weight 1 there (the plain v loss, an x0 error
+    weighted SNR + 1) and clips the low-noise end the same way, min(SNR + 1, 5) / (SNR + 1)."""
+    snr = alpha_bar / (1 - alpha_bar)
+    five = torch.tensor(5.0)
+    if weighting == "min-snr5":
+        return torch.minimum(snr, five) / (snr + 1)
+    if weighting == "v-min5":
+        return torch.minimum(snr + 1, five) / (snr + 1)
+    raise ValueError(f"unknown --weighting {weighting!r} (min-snr5 or v-min5)")
+
+
 def batch_at(step: int, batch: int) -> tuple[torch.Tensor, list[str]]:
     pics, texts = [], []
     for i in range(batch):
@@ -163,7 +181,8 @@ def train(args) -> None:
         if "opt" in state:  # a slim checkpoint (see `slim`) restarts the optimizer from its defaults
             opt.load_state_dict(state["opt"])
         step, wall = state["step"], state["wall_seconds"]
-        print(f"resumed at step {step} ({wall / 60:.1f} min of training so far)", flush=True)
+        print(f"resumed at step {step} ({wall / 60:.1f} min of training so far), weighting {args.weighting}",
+              flush=True)
     tokens = Tokens()
     empty = tokens([""])[0]
     ac = alphas_cumprod()
@@ -183,8 +202,7 @@ def train(args) -> None:
         a = ac[t].reshape(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
-        snr = a / (1 - a)
-        weight = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)  # min-SNR-5 for v-prediction
+        weight = loss_weight(a, args.weighting)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 200)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -426,6 +444,7 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (AMX CPUs: faster)")
     p.add_argument("--threads", type=int, default=1,
                    help="training threads (2 when nothing else runs on a 2-core machine)")
+    p.add_argument("--weighting", default="v-min5", choices=["v-min5", "min-snr5"])
     p.add_argument("--save-seconds", type=float, default=180.0)
     p.add_argument("--sample-every", type=int, default=250)
     p.add_argument("--out", default="models/scenes-sd")

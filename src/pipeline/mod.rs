@@ -73,6 +73,7 @@ impl Component {
     pub fn open(path: PathBuf, options: &LoadOptions) -> Result<Self> {
         let engine = ModelOptions {
             cache_dir: options.cache_dir.clone(),
+            attention_slice_bytes: options.attention_slice_bytes,
             ..ModelOptions::default()
         };
         let model = Arc::new(OnnxModel::open(&path, &engine)?);
@@ -93,11 +94,23 @@ impl Component {
 }
 
 /// Options that apply to every pipeline of a process.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub memory: MemoryMode,
     /// Compile cache directory (see `engine::ModelOptions`).
     pub cache_dir: Option<PathBuf>,
+    /// See `engine::ModelOptions::attention_slice_bytes`.
+    pub attention_slice_bytes: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            memory: MemoryMode::default(),
+            cache_dir: None,
+            attention_slice_bytes: ModelOptions::default().attention_slice_bytes,
+        }
+    }
 }
 
 /// A loaded model of either kind.
