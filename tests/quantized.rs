@@ -50,7 +50,7 @@ const INT8_FILES: &[&str] = &[
     "taesd_decoder-qlinear",
     "generator-dynamic-conv",
 ];
-const F16_FILES: &[&str] = &["text_encoder-f16", "generator-f16"];
+const F16_FILES: &[&str] = &["text_encoder-f16", "generator-f16", "unet-f16"];
 
 fn references() -> Value {
     read_json(&fixtures().join("quantized/references.json"))

@@ -1,6 +1,6 @@
 """Stand-alone ONNX files of the real Stable Diffusion components, for tools/bench_vs_ort.py.
 
-    /work/venv/bin/python tools/make_bench_models.py OUT_DIR [--only NAME ...] [--no-int8] [--list]
+    /work/venv/bin/python tools/make_bench_models.py OUT_DIR [--only NAME ...] [--no-int8] [--f16] [--list]
 
 Each model is architecture-true (the public diffusers / transformers configuration written out
 below, nothing downloaded) with seeded random weights, exported the way the fixture bundles are
@@ -13,7 +13,9 @@ OUT_DIR/<name>/ receives
               the way `edgegen bench --onnx FILE --input NAME=SPEC` takes it.
 
 `<name>-int8` variants are QDQ int8 (Conv and MatMul only, static, MinMax calibration on a few
-seeded random inputs; tools/quantize.py's code and its default float-kept layers). The bundled
+seeded random inputs; tools/quantize.py's code and its default float-kept layers); with --f16,
+`<name>-f16` variants hold float16 weights and compute (inputs and outputs stay float32,
+onnxruntime's converter as tools/quantize.py uses it). The bundled
 models under models/ are copied as they are. Existing outputs are skipped: the script resumes.
 
 Cost: the SD 2.1 / 1.5 UNets (865 / 860 M parameters, 3.5 GB in float32) need ~16 GB of RAM,
@@ -352,6 +354,18 @@ def quantize_int8(src: Path, dst: Path, feeds: list[dict]) -> None:
     save_model(quantized, dst)
 
 
+def convert_f16(src: Path, dst: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    # shape inference serializes the model, which protobuf refuses above 2 GB
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=not fits_in_protobuf(model))
+    del model
+    quantize.f32_resize_inputs(converted)
+    quantize.sort_topologically(converted)  # the converter appends the input casts last
+    save_model(converted, dst)
+
+
 # --- Driver ---------------------------------------------------------------------------------------
 
 
@@ -367,6 +381,18 @@ def write_sidecar(out: Path, spec: Spec, parameters: int, quantization: str, sou
         "shapes": spec.shapes,
     }
     (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def make_f16(spec: Spec, root: Path) -> None:
+    fout = root / f"{spec.name}-f16"
+    if (fout / "bench.json").is_file():
+        print(f"{fout.name}: exists, skipped", file=sys.stderr)
+        return
+    print(f"{fout.name}: converting", file=sys.stderr)
+    convert_f16(root / spec.name / "model.onnx", fout / "model.onnx")
+    parameters = json.loads((root / spec.name / "bench.json").read_text())["parameters"]
+    write_sidecar(fout, spec, parameters, "float16", f"{spec.name} converted")
+    print(f"{fout.name}: {dir_mb(fout):.0f} MB", file=sys.stderr)
 
 
 def make(spec: Spec, root: Path, int8: bool) -> None:
@@ -407,6 +433,7 @@ def main() -> None:
                         help="models to make (default: all)")
     parser.add_argument("--skip-big", action="store_true", help="leave out the SD UNets and ViT-H")
     parser.add_argument("--no-int8", action="store_true", help="no int8 variants")
+    parser.add_argument("--f16", action="store_true", help="also float16 variants")
     parser.add_argument("--list", action="store_true", help="list the models and exit")
     args = parser.parse_args()
     if args.list:
@@ -422,6 +449,8 @@ def main() -> None:
         if args.skip_big and spec.big:
             continue
         make(spec, args.out_dir, not args.no_int8)
+        if args.f16:
+            make_f16(spec, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -390,7 +391,31 @@ def convert_f16(src: Path, dst: Path) -> None:
 
     model = onnx.load(str(src))
     converted = convert_float_to_float16(model, keep_io_types=True)
+    f32_resize_inputs(converted)
     onnx.save(converted, str(dst))
+
+
+def f32_resize_inputs(model: onnx.ModelProto) -> int:
+    """Turns float16 Constant nodes feeding a Resize's roi / scales back into float32, as ONNX types them.
+
+    Without shape inference (which protobuf cannot do above 2 GB) onnxruntime's converter turns those
+    constants into float16 too (the SD UNet's Upsample2D scales), and onnxruntime and tract then both reject
+    the file."""
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    fixed = 0
+    for node in model.graph.node:
+        if node.op_type != "Resize":
+            continue
+        for name in node.input[1:3]:
+            const = constants.get(name)
+            if const is None:
+                continue
+            for attr in const.attribute:
+                if attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT16:
+                    value = numpy_helper.to_array(attr.t).astype(np.float32)
+                    attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
+                    fixed += 1
+    return fixed
 
 
 def convert(src: Path, dst: Path, mode: str, feeds: list[dict] | None, args) -> None:

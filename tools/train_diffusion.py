@@ -1,7 +1,8 @@
 """Train the small SD-shaped text-to-image model of the scene world and export it as a diffusion bundle.
 
-Shape (Stable Diffusion's, scaled down): CLIP text encoder (tools/fixtures/bundle_io.build_text_encoder:
-2 layers, width 32, the 1000-token scene tokenizer) -> UNet2DConditionModel with cross-attention ->
+Shape (Stable Diffusion's, scaled down): CLIP text encoder over the 1000-token scene tokenizer (arch "v1":
+tools/fixtures/bundle_io.build_text_encoder, 2 layers of width 32; "v2": 4 layers of width 64, see
+ARCHS) -> UNet2DConditionModel with cross-attention ->
 "VAE" decoder -> 64x64 RGB. The latent space is pixel space folded 4x4 into channels (space-to-depth:
 a 64x64x3 picture is a 16x16x48 latent; the decoder is the exact inverse, depth-to-space, plus the
 shift/scale below), so no autoencoder has to be trained first and nothing is lost in decoding.
@@ -67,7 +68,32 @@ SAMPLE_CAPTIONS = [
 ]
 
 
-def build_unet() -> UNet2DConditionModel:
+# v1 (steps 0-17000 of the first run) read relation captions as bags of words: with one seed, the six
+# relations of "a red ball REL a blue car" gave the same picture, mostly the last noun phrase's object.
+# v2 widens the text side (the UNet's conv and self-attention weights can start from a v1 checkpoint).
+ARCHS = {
+    "v1": {"text_width": 32, "text_layers": 2, "text_ffn": 37, "text_heads": 4},
+    "v2": {"text_width": 64, "text_layers": 4, "text_ffn": 256, "text_heads": 4},
+}
+
+
+def build_text_encoder(arch: str):
+    if arch == "v1":
+        return io.build_text_encoder()
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    a = ARCHS[arch]
+    config = CLIPTextConfig(
+        vocab_size=io.VOCAB_SIZE, hidden_size=a["text_width"], intermediate_size=a["text_ffn"],
+        projection_dim=a["text_width"], num_hidden_layers=a["text_layers"], num_attention_heads=a["text_heads"],
+        max_position_embeddings=io.MAX_LENGTH, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        bos_token_id=io.BOS_ID, eos_token_id=io.EOS_ID, pad_token_id=io.EOS_ID, attn_implementation="eager")
+    config.architectures = ["CLIPTextModel"]
+    torch.manual_seed(SEED + 1)
+    return CLIPTextModel(config).eval()
+
+
+def build_unet(arch: str = "v1") -> UNet2DConditionModel:
     torch.manual_seed(SEED)
     return UNet2DConditionModel(
         sample_size=SIZE // FOLD,
@@ -77,7 +103,7 @@ def build_unet() -> UNet2DConditionModel:
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=ARCHS[arch]["text_width"],
         attention_head_dim=8,
         norm_num_groups=16,
     )
@@ -153,8 +179,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_models(run: Path, ema: bool = True):
-    unet, te = build_unet(), io.build_text_encoder()
     state = torch.load(run / "ckpt.pt", weights_only=False)
+    arch = state.get("arch", "v1")
+    unet, te = build_unet(arch), build_text_encoder(arch)
     unet.load_state_dict(state["ema_unet" if ema else "unet"])
     te.load_state_dict(state["ema_te" if ema else "te"])
     return unet.eval(), te.eval(), state
@@ -164,7 +191,7 @@ def train(args) -> None:
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
-    unet, te = build_unet(), io.build_text_encoder()
+    unet, te = build_unet(args.arch), build_text_encoder(args.arch)
     te.train()
     unet.train()
     params = list(unet.parameters()) + list(te.parameters())
@@ -172,8 +199,12 @@ def train(args) -> None:
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     step, wall = 0, 0.0
     ckpt = run / "ckpt.pt"
+    if not ckpt.is_file() and args.init_unet:
+        warm_start_unet(unet, ema_unet, Path(args.init_unet))
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
+        if state.get("arch", "v1") != args.arch:
+            raise SystemExit(f"{ckpt} is arch {state.get('arch', 'v1')}, not --arch {args.arch}")
         unet.load_state_dict(state["unet"])
         te.load_state_dict(state["te"])
         ema_unet.load_state_dict(state["ema_unet"])
@@ -227,11 +258,23 @@ def train(args) -> None:
             wall = time.monotonic() - started
             save_checkpoint(ckpt, {"unet": unet.state_dict(), "te": te.state_dict(),
                                    "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(),
-                                   "opt": opt.state_dict(), "step": step, "wall_seconds": wall})
+                                   "opt": opt.state_dict(), "step": step, "wall_seconds": wall,
+                                   "arch": args.arch})
             last_save = time.monotonic()
         if step % args.sample_every == 0:
             grid = sample(ema_unet, ema_te, tokens, SAMPLE_CAPTIONS, steps=4, guidance=3.0, seed=0)
             save_grid(grid, run / f"samples_{step:06d}.png")
+
+
+def warm_start_unet(unet, ema_unet, path: Path) -> None:
+    """The UNet's weights from another run's checkpoint (its EMA), except those whose shape differs
+    (the cross-attention key/value projections when the text width changed): those keep their init."""
+    source = torch.load(path, weights_only=False)["ema_unet"]
+    own = unet.state_dict()
+    kept = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    unet.load_state_dict(kept, strict=False)
+    ema_unet.load_state_dict(kept, strict=False)
+    print(f"UNet from {path}: {len(kept)} of {len(own)} tensors, the rest fresh", flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -352,7 +395,7 @@ def export(args) -> None:
     hw = SIZE // FOLD
     g = torch.Generator().manual_seed(0)
     io.export_onnx(UNetExport(unet), (torch.randn(2, LATENT_CHANNELS, hw, hw, generator=g), torch.tensor(999.0),
-                                      torch.randn(2, io.MAX_LENGTH, 32, generator=g)),
+                                      torch.randn(2, io.MAX_LENGTH, te.config.hidden_size, generator=g)),
                    out / "unet" / "model.onnx", ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
                    {"sample": {0: "batch_size", 2: "height", 3: "width"},
                     "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
@@ -390,7 +433,7 @@ def export(args) -> None:
     # onnxruntime vs torch on one denoising call
     sess = io.ort_session(out / "unet" / "model.onnx")
     x = torch.randn(1, LATENT_CHANNELS, hw, hw, generator=g)
-    e = torch.randn(1, io.MAX_LENGTH, 32, generator=g)
+    e = torch.randn(1, io.MAX_LENGTH, te.config.hidden_size, generator=g)
     with torch.no_grad():
         want = unet(x, torch.tensor(500.0), encoder_hidden_states=e, return_dict=False)[0]
     got = sess.run(["out_sample"], {"sample": x.numpy(), "timestep": np.array(500.0, dtype=np.float32),
@@ -406,14 +449,14 @@ def slim(args) -> None:
     ema_unet, ema_te = state["ema_unet"], state["ema_te"]
     # the same tensors under two keys are stored once
     torch.save({"unet": ema_unet, "te": ema_te, "ema_unet": ema_unet, "ema_te": ema_te, "step": state["step"],
-                "wall_seconds": state["wall_seconds"]}, args.out)
+                "wall_seconds": state["wall_seconds"], "arch": state.get("arch", "v1")}, args.out)
     print(f"step {state['step']} -> {args.out} ({Path(args.out).stat().st_size} bytes)")
 
 
 def bench(args) -> None:
     """Seconds per training step (fp32 and bf16 autocast) at the given batch, one thread."""
     torch.set_num_threads(1)
-    unet, te = build_unet(), io.build_text_encoder()
+    unet, te = build_unet(args.arch), build_text_encoder(args.arch)
     print(f"unet parameters {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M")
     opt = torch.optim.AdamW(list(unet.parameters()) + list(te.parameters()), 1e-4)
     tokens = Tokens()
@@ -445,6 +488,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="training threads (2 when nothing else runs on a 2-core machine)")
     p.add_argument("--weighting", default="v-min5", choices=["v-min5", "min-snr5"])
+    p.add_argument("--arch", default="v2", choices=list(ARCHS), help="model shape of a new run (see ARCHS)")
+    p.add_argument("--init-unet", help="a new run's UNet starts from this checkpoint's (matching shapes only)")
     p.add_argument("--save-seconds", type=float, default=180.0)
     p.add_argument("--sample-every", type=int, default=250)
     p.add_argument("--out", default="models/scenes-sd")
