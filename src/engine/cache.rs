@@ -37,6 +37,11 @@ mod nnef_ext;
 /// plan key, because NNEF from one tract release is not promised to load in another.
 pub const TRACT_VERSION: &str = "0.23.9";
 
+/// What edgegen does to a graph before saving it; raised when that changes
+/// between releases, so older entries are not read back (2: float16 weights
+/// are stored as float32 when the graph runs as float32).
+const GRAPH_REVISION: u32 = 2;
+
 /// What a cached model needs to be used without parsing its ONNX file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelMeta {
@@ -181,7 +186,7 @@ impl PlanKey {
     fn digest(&self, model_hash: &str) -> String {
         let cpu = super::kernels::cpu_report();
         let text = format!(
-            "model={model_hash}\nshapes={:?}\nupcast_f16={}\ntract={TRACT_VERSION}\nedgegen={}\ncpu={} {}",
+            "model={model_hash}\nshapes={:?}\nupcast_f16={}\ntract={TRACT_VERSION}\nedgegen={}\ngraph={GRAPH_REVISION}\ncpu={} {}",
             self.shapes,
             self.upcast_f16,
             env!("CARGO_PKG_VERSION"),

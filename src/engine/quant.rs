@@ -16,6 +16,8 @@ use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
+use tract_onnx::tract_core::ops::cast::Cast;
+use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::transform::ModelTransform;
 
 /// How a graph with float16 weights runs.
@@ -282,5 +284,93 @@ fn gemm_as_matmul(gemm: &NodeProto, index: usize) -> Vec<NodeProto> {
 
 /// Turns every float16 tensor and operation of a typed graph into float32.
 pub fn upcast_f16(model: &mut TypedModel) -> TractResult<()> {
-    FloatPrecisionTranslator::new(f16::datum_type(), f32::datum_type()).transform(model)
+    FloatPrecisionTranslator::new(f16::datum_type(), f32::datum_type()).transform(model)?;
+    fold_weight_casts(model)
+}
+
+/// Replaces each float16 constant cast to float32 by a float32 constant.
+///
+/// Why: tract's translator keeps float16 constants behind a cast, and the
+/// cast stays in the optimized plan, so every run converted every weight
+/// again: the SD-Turbo UNet as float16 ran 1.2–1.7× slower than as float32
+/// (docs/benchmarks.md).
+fn fold_weight_casts(model: &mut TypedModel) -> TractResult<()> {
+    let mut folded = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        if node
+            .op_as::<Cast>()
+            .is_none_or(|c| c.to != f32::datum_type())
+        {
+            continue;
+        }
+        let Some(konst) = model.node(node.inputs[0].node).op_as::<Const>() else {
+            continue;
+        };
+        let weight = konst.val();
+        if weight.datum_type() != f16::datum_type() || !weight.is_plain_ram() {
+            continue;
+        }
+        let mut patch = TypedModelPatch::new(format!("fold float16 weight {}", node.name));
+        let wire = patch.add_const(&node.name, weight.cast_to::<f32>()?.into_owned())?;
+        patch.shunt_outside(model, id.into(), wire)?;
+        patch.apply(model)?;
+        folded += 1;
+    }
+    if folded > 0 {
+        model.compact()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+
+    /// A float16 matrix product whose weight is above tract's constant
+    /// folding budget (4 MiB), as in any SD-size float16 file.
+    fn f16_product(k: usize, n: usize) -> TractResult<(TypedModel, Tensor)> {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f16::fact([1, k]))?;
+        let values: Vec<f16> = (0..k * n)
+            .map(|i| f16::from_f32(((i % 17) as f32 - 8.0) / 16.0))
+            .collect();
+        let weight = tract_ndarray::Array2::from_shape_vec((k, n), values)?.into_tensor();
+        let w = model.add_const("w", weight.clone())?;
+        let op = EinSum::new("mk,kn->mn".parse()?, f16::datum_type());
+        let y = model.wire_node("y", op, &[x, w])?;
+        model.select_output_outlets(&y)?;
+        Ok((model, weight))
+    }
+
+    #[test]
+    fn large_float16_weights_become_float32_constants() -> TractResult<()> {
+        let (k, n) = (1024, 2100);
+        let (mut model, weight) = f16_product(k, n)?;
+        upcast_f16(&mut model)?;
+        let plan = model.into_optimized()?.into_runnable()?;
+        let casts = plan
+            .model()
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<Cast>())
+            .count();
+        assert_eq!(casts, 0, "a cast is left in the plan");
+        let x = tract_ndarray::Array2::from_shape_fn((1, k), |(_, i)| (i % 5) as f32 - 2.0);
+        let y = plan.run(tvec!(x.clone().into_tensor().into()))?.remove(0);
+        let y = y.to_plain_array_view::<f32>()?;
+        let w = weight.cast_to::<f32>()?;
+        let w = w
+            .to_plain_array_view::<f32>()?
+            .into_dimensionality::<tract_ndarray::Ix2>()?;
+        let want = x.dot(&w);
+        let diff = y
+            .iter()
+            .zip(want.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-3, "max abs diff {diff}");
+        Ok(())
+    }
 }
