@@ -17,10 +17,15 @@ number n of a seeded stream, so resuming replays the same data.
 
 CPU, one thread, seeded; checkpoints every few minutes to <run>/ckpt.pt; resumes from it:
 
-    nohup /work/venv/bin/python tools/train_diffusion.py train --run /work/train/diffusion --steps 20000 &
-    /work/venv/bin/python tools/train_diffusion.py export --run /work/train/diffusion --out models/scenes-sd
-    /work/venv/bin/python tools/train_diffusion.py eval --run /work/train/diffusion   # checker, 1/2/4/8 steps
-    /work/venv/bin/python tools/train_diffusion.py slim --run /work/train/diffusion --out tools/checkpoints/diffusion.pt
+    nohup /work/venv/bin/python tools/train_diffusion.py train --run /work/train/diffusion2 --steps 40000 &
+    /work/venv/bin/python tools/train_diffusion.py export --run /work/train/diffusion2 --out models/scenes-sd
+    /work/venv/bin/python tools/train_diffusion.py eval --run /work/train/diffusion2   # checker, 1/2/4/8 steps
+    /work/venv/bin/python tools/train_diffusion.py slim --run /work/train/diffusion2 --out tools/checkpoints/scenes-sd.pt
+    /work/venv/bin/python tools/train_diffusion.py probe --run /work/train/diffusion2 --out probe.png  # relations read?
+
+A new run takes --arch (v2 by default) and may start its UNet from another run's checkpoint
+(--init-unet PATH); resuming checks that --arch matches the checkpoint's (the first run, in
+/work/train/diffusion, is v1).
 """
 
 from __future__ import annotations
@@ -342,6 +347,20 @@ def evaluate(args) -> None:
     (Path(args.run) / f"eval_{state['step']:06d}.json").write_text(json.dumps(results, indent=1))
 
 
+def probe(args) -> None:
+    """Does the model read the relation word? One row per seed: "a red ball REL a blue car" for the six
+    relations, then "a red ball" and "a blue car" alone, 4 steps. A model that ignores relations draws the
+    six alike."""
+    torch.set_num_threads(1)
+    unet, te, state = load_models(Path(args.run))
+    tokens = Tokens()
+    texts = [f"a red ball {r} a blue car" for r in scenes.RELATIONS] + ["a red ball", "a blue car"]
+    pics = [sample(unet, te, tokens, [t], 4, args.guidance, seed)[0] for seed in (7, 8, 9, 10) for t in texts]
+    out = Path(args.out)
+    save_grid(np.stack(pics), out)
+    print(f"step {state['step']}: {out}")
+
+
 def summarise(rows: list[dict], texts: list[str]) -> dict:
     out = {"n": len(rows)}
     for k in ("full", "objects", "colours", "counts", "relation"):
@@ -479,7 +498,7 @@ def bench(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "export", "eval", "bench", "slim"])
+    p.add_argument("command", choices=["train", "export", "eval", "bench", "slim", "probe"])
     p.add_argument("--run", default="/work/train/diffusion")
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--batch", type=int, default=32)
@@ -496,7 +515,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--step-counts", default="1,2,4,8")
     args = p.parse_args()
-    {"train": train, "export": export, "eval": evaluate, "bench": bench, "slim": slim}[args.command](args)
+    {"train": train, "export": export, "eval": evaluate, "bench": bench, "slim": slim,
+     "probe": probe}[args.command](args)
 
 
 if __name__ == "__main__":
