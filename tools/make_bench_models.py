@@ -355,13 +355,9 @@ def quantize_int8(src: Path, dst: Path, feeds: list[dict]) -> None:
 
 
 def convert_f16(src: Path, dst: Path) -> None:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     model = onnx.load(str(src))
-    # shape inference serializes the model, which protobuf refuses above 2 GB
-    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=not fits_in_protobuf(model))
+    converted = quantize.to_f16(model, shape_inference=fits_in_protobuf(model))
     del model
-    quantize.f32_resize_inputs(converted)
     quantize.sort_topologically(converted)  # the converter appends the input casts last
     save_model(converted, dst)
 

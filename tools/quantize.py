@@ -387,12 +387,17 @@ def quantize_dyn(src: Path, dst: Path, per_channel: bool, conv: bool) -> None:
 
 
 def convert_f16(src: Path, dst: Path) -> None:
+    onnx.save(to_f16(onnx.load(str(src))), str(dst))
+
+
+def to_f16(model: onnx.ModelProto, shape_inference: bool = True) -> onnx.ModelProto:
+    """float16 weights and compute, inputs and outputs kept float32 (onnxruntime's converter).
+    shape_inference=False for models above protobuf's 2 GB, which it cannot serialize."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src))
-    converted = convert_float_to_float16(model, keep_io_types=True)
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=not shape_inference)
     f32_resize_inputs(converted)
-    onnx.save(converted, str(dst))
+    return converted
 
 
 def f32_resize_inputs(model: onnx.ModelProto) -> int:
