@@ -598,12 +598,11 @@ impl OnnxModel {
                 self.path.display()
             )
         };
-        let typed = self.decluttered(shapes).with_context(context)?;
+        let mut typed = self.decluttered(shapes).with_context(context)?;
         #[cfg(feature = "cuda")]
         if let Some(plan) = cuda::prepare(&typed).with_context(context)? {
             return Ok(plan);
         }
-        let mut typed = typed;
         if let Some(bytes) = self.attention_slice_bytes {
             let sliced = attention::slice_attention(&mut typed, bytes)
                 .map_err(|e| anyhow!("{e:#}"))

@@ -16,10 +16,11 @@ use ndarray::{ArrayD, IxDyn};
 const TOLERANCE: f32 = 1e-4;
 
 fn check_component(bundle: &str, component: &str) -> f32 {
-    check_component_with(bundle, component, &ModelOptions::default())
+    check_component_with(bundle, component, &ModelOptions::default()).0
 }
 
-fn check_component_with(bundle: &str, component: &str, options: &ModelOptions) -> f32 {
+/// The max abs difference to PyTorch's output, and the model (with its plan).
+fn check_component_with(bundle: &str, component: &str, options: &ModelOptions) -> (f32, OnnxModel) {
     let reference = read_json(&fixtures().join(format!("references/components-{bundle}.json")));
     let call = &reference[component];
     let path = fixtures().join(format!("bundles/{bundle}/{component}/model.onnx"));
@@ -34,11 +35,12 @@ fn check_component_with(bundle: &str, component: &str, options: &ModelOptions) -
         shape.as_slice(),
         "{bundle}/{component} output shape"
     );
-    outputs[index]
+    let diff = outputs[index]
         .iter()
         .zip(&want)
         .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
+        .fold(0.0, f32::max);
+    (diff, model)
 }
 
 #[test]
@@ -68,27 +70,17 @@ fn attention_in_slices_equals_pytorch() {
     };
     for bundle in ["tiny-sd", "tiny-lcm"] {
         for component in ["unet", "vae_decoder"] {
-            let diff = check_component_with(bundle, component, &sliced);
+            let (diff, in_slices) = check_component_with(bundle, component, &sliced);
             assert!(
                 diff <= TOLERANCE,
                 "{bundle}/{component} in slices: max abs diff {diff}"
             );
-            let softmaxes = |options: &ModelOptions| {
-                let path = fixtures().join(format!("bundles/{bundle}/{component}/model.onnx"));
-                let model = OnnxModel::open(&path, options).unwrap();
-                let reference =
-                    read_json(&fixtures().join(format!("references/components-{bundle}.json")));
-                model
-                    .run(named_inputs(&reference[component]["inputs"]))
-                    .unwrap();
-                model
-                    .plan_op_counts()
-                    .unwrap()
-                    .get("Softmax")
-                    .copied()
-                    .unwrap_or(0)
+            let (_, at_once) = check_component_with(bundle, component, &whole);
+            let softmaxes = |model: &OnnxModel| {
+                let counts = model.plan_op_counts().unwrap();
+                counts.get("Softmax").copied().unwrap_or(0)
             };
-            let (before, after) = (softmaxes(&whole), softmaxes(&sliced));
+            let (before, after) = (softmaxes(&at_once), softmaxes(&in_slices));
             assert!(before > 0, "{bundle}/{component}: no attention found");
             assert!(
                 after > before,
