@@ -1,13 +1,13 @@
 """Train the small SD-shaped text-to-image model of the scene world and export it as a diffusion bundle.
 
-Shape (Stable Diffusion's, scaled down): CLIP text encoder over the 1000-token scene tokenizer (arch "v1":
-tools/fixtures/bundle_io.build_text_encoder, 2 layers of width 32; "v2": 4 layers of width 64, see
-ARCHS) -> UNet2DConditionModel with cross-attention ->
-"VAE" decoder -> 64x64 RGB. The latent space is pixel space folded 4x4 into channels (space-to-depth:
-a 64x64x3 picture is a 16x16x48 latent; the decoder is the exact inverse, depth-to-space, plus the
-shift/scale below), so no autoencoder has to be trained first and nothing is lost in decoding.
-The bundle's vae_decoder/config.json says block_out_channels of length 3 (4x upsampling) and
-latent_channels 48, which is all a pipeline needs to size the latents.
+Shape (Stable Diffusion's, scaled down): CLIP text encoder over the 1000-token scene tokenizer -> UNet2DConditionModel
+with cross-attention -> VAE decoder -> 64x64 RGB. ARCHS lists the variants:
+- "v3" (default): 4-layer, 64-wide text encoder; the latents are the 8x8x8 latents of the autoencoder trained by
+  tools/train_vae.py (its slim checkpoint tools/checkpoints/scenes-vae.pt, with the latents' shift and scale);
+  the bundle's vae_decoder is that autoencoder's decoder.
+- "v1", "v2" (older runs): pixel space folded 4x4 into channels (space-to-depth: a 64x64x3 picture is a
+  16x16x48 latent; the decoder is the exact inverse, depth-to-space, plus SHIFT/SCALE); v1 has a 2-layer,
+  32-wide text encoder.
 
 Training: v-prediction on Stable Diffusion's betas (scaled_linear 0.00085 -> 0.012, 1000 steps),
 loss weights min(SNR + 1, 5) / (SNR + 1) on the v error (`--weighting v-min5`, see loss_weight), 10% empty
@@ -17,14 +17,15 @@ number n of a seeded stream, so resuming replays the same data.
 
 CPU, one thread, seeded; checkpoints every few minutes to <run>/ckpt.pt; resumes from it:
 
-    nohup /work/venv/bin/python tools/train_diffusion.py train --run /work/train/diffusion2 --steps 40000 &
-    /work/venv/bin/python tools/train_diffusion.py export --run /work/train/diffusion2 --out models/scenes-sd
-    /work/venv/bin/python tools/train_diffusion.py eval --run /work/train/diffusion2   # checker, 1/2/4/8 steps
-    /work/venv/bin/python tools/train_diffusion.py slim --run /work/train/diffusion2 --out tools/checkpoints/scenes-sd.pt
-    /work/venv/bin/python tools/train_diffusion.py probe --run /work/train/diffusion2 --out probe.png  # relations read?
+    nohup /work/venv/bin/python tools/train_diffusion.py train --run /work/train/diffusion3 --steps 40000 &
+    /work/venv/bin/python tools/train_diffusion.py export --run /work/train/diffusion3 --out models/scenes-sd
+    /work/venv/bin/python tools/train_diffusion.py references --out models/scenes-sd  # tests/fixtures/bundled/
+    /work/venv/bin/python tools/train_diffusion.py eval --run /work/train/diffusion3   # checker, 1/2/4/8 steps
+    /work/venv/bin/python tools/train_diffusion.py slim --run /work/train/diffusion3 --out tools/checkpoints/scenes-sd.pt
+    /work/venv/bin/python tools/train_diffusion.py probe --run /work/train/diffusion3 --out probe.png  # relations read?
 
-A new run takes --arch (v2 by default) and may start its UNet from another run's checkpoint
-(--init-unet PATH); resuming checks that --arch matches the checkpoint's (the first run, in
+A new run takes --arch (v3 by default) and may start its UNet from another run's checkpoint
+(--init-unet PATH) and its text encoder too (--init-te PATH); resuming checks that --arch matches the checkpoint's (the first run, in
 /work/train/diffusion, is v1).
 """
 
@@ -76,10 +77,17 @@ SAMPLE_CAPTIONS = [
 # v1 (steps 0-17000 of the first run) read relation captions as bags of words: with one seed, the six
 # relations of "a red ball REL a blue car" gave the same picture, mostly the last noun phrase's object.
 # v2 widens the text side (the UNet's conv and self-attention weights can start from a v1 checkpoint).
+# v1 and v2 denoise pixels folded 4x4 into 48 channels at 16x16, with cross-attention only at 8x8; full
+# match rose slowly (v2: 23.8% at step 7 497) and relations stayed near 5%. v3 denoises the 8x8x8 latents of a
+# trained autoencoder (tools/train_vae.py, Stable Diffusion's layout): the UNet lays the scene out on an 8x8
+# grid with cross-attention at 8x8 and 4x4, where every cell is one convolution from the border and so knows
+# where it is.
 ARCHS = {
-    "v1": {"text_width": 32, "text_layers": 2, "text_ffn": 37, "text_heads": 4},
-    "v2": {"text_width": 64, "text_layers": 4, "text_ffn": 256, "text_heads": 4},
+    "v1": {"text_width": 32, "text_layers": 2, "text_ffn": 37, "text_heads": 4, "latents": "fold"},
+    "v2": {"text_width": 64, "text_layers": 4, "text_ffn": 256, "text_heads": 4, "latents": "fold"},
+    "v3": {"text_width": 64, "text_layers": 4, "text_ffn": 256, "text_heads": 4, "latents": "vae"},
 }
+VAE_CHECKPOINT = TOOLS / "checkpoints" / "scenes-vae.pt"
 
 
 def build_text_encoder(arch: str):
@@ -100,6 +108,19 @@ def build_text_encoder(arch: str):
 
 def build_unet(arch: str = "v1") -> UNet2DConditionModel:
     torch.manual_seed(SEED)
+    if ARCHS[arch]["latents"] == "vae":
+        return UNet2DConditionModel(
+            sample_size=SIZE // 8,
+            in_channels=VaeLatents.channels,
+            out_channels=VaeLatents.channels,
+            block_out_channels=(56, 112),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=ARCHS[arch]["text_width"],
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
     return UNet2DConditionModel(
         sample_size=SIZE // FOLD,
         in_channels=LATENT_CHANNELS,
@@ -129,6 +150,78 @@ class Unfold(nn.Module):
         b, c, h, w = latent_sample.shape
         x = latent_sample.reshape(b, 3, FOLD, FOLD, h, w).permute(0, 1, 4, 2, 5, 3)
         return x.reshape(b, 3, h * FOLD, w * FOLD)
+
+
+class FoldLatents:
+    """v1/v2: pixel space folded 4x4 into 48 channels; the bundle's decoder only rearranges."""
+
+    channels, hw = LATENT_CHANNELS, SIZE // FOLD
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return fold(pixels)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return Unfold()(latents / SCALE) + SHIFT
+
+    def decoder_module(self) -> nn.Module:
+        return Unfold()
+
+    def decoder_config(self) -> dict:
+        return {
+            "_class_name": "SpaceToDepthDecoder",
+            "_note": "pixel space folded 4x4 into 48 channels; decoder = depth-to-space (tools/train_diffusion.py)",
+            "block_out_channels": [LATENT_CHANNELS] * 3,  # length 3: 2 ** (3 - 1) = 4x upsampling
+            "latent_channels": LATENT_CHANNELS,
+            "in_channels": 3,
+            "out_channels": 3,
+            "sample_size": SIZE,
+            "scaling_factor": SCALE,
+            "shift_factor": SHIFT,
+        }
+
+
+class VaeLatents:
+    """v3: the 8x8x8 latents of tools/train_vae.py's autoencoder, (z - shift) * scale as in SD3's VAE config."""
+
+    channels, hw = 8, SIZE // 8
+
+    def __init__(self, path: Path = VAE_CHECKPOINT):
+        import train_vae
+
+        state = torch.load(path, weights_only=False)
+        self.vae = train_vae.build_vae()
+        self.vae.load_state_dict(state["ema"])
+        self.vae.eval().requires_grad_(False)
+        self.shift, self.scale = state["shift_factor"], state["scaling_factor"]
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (self.vae.encode(pixels).latent_dist.mean - self.shift) * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scale + self.shift).sample
+
+    def decoder_module(self) -> nn.Module:
+        return VaeDecoder(self.vae)
+
+    def decoder_config(self) -> dict:
+        config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
+        config.update({"_class_name": "AutoencoderKL", "scaling_factor": self.scale, "shift_factor": self.shift})
+        return config
+
+
+class VaeDecoder(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample).sample
+
+
+def latents_for(arch: str):
+    return VaeLatents() if ARCHS[arch]["latents"] == "vae" else FoldLatents()
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -189,7 +282,7 @@ def load_models(run: Path, ema: bool = True):
     unet, te = build_unet(arch), build_text_encoder(arch)
     unet.load_state_dict(state["ema_unet" if ema else "unet"])
     te.load_state_dict(state["ema_te" if ema else "te"])
-    return unet.eval(), te.eval(), state
+    return unet.eval(), te.eval(), latents_for(arch), state
 
 
 def train(args) -> None:
@@ -197,6 +290,7 @@ def train(args) -> None:
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     unet, te = build_unet(args.arch), build_text_encoder(args.arch)
+    latents = latents_for(args.arch)
     te.train()
     unet.train()
     params = list(unet.parameters()) + list(te.parameters())
@@ -205,7 +299,9 @@ def train(args) -> None:
     step, wall = 0, 0.0
     ckpt = run / "ckpt.pt"
     if not ckpt.is_file() and args.init_unet:
-        warm_start_unet(unet, ema_unet, Path(args.init_unet))
+        warm_start(unet, ema_unet, Path(args.init_unet), "ema_unet")
+    if not ckpt.is_file() and args.init_te:
+        warm_start(te, ema_te, Path(args.init_te), "ema_te")
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         if state.get("arch", "v1") != args.arch:
@@ -232,7 +328,7 @@ def train(args) -> None:
         ids = tokens(texts)
         drop = torch.rand(args.batch, generator=g) < 0.1
         ids[drop] = empty
-        x0 = fold(pixels)
+        x0 = latents.encode(pixels)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (args.batch,), generator=g)
         a = ac[t].reshape(-1, 1, 1, 1)
@@ -267,19 +363,19 @@ def train(args) -> None:
                                    "arch": args.arch})
             last_save = time.monotonic()
         if step % args.sample_every == 0:
-            grid = sample(ema_unet, ema_te, tokens, SAMPLE_CAPTIONS, steps=4, guidance=3.0, seed=0)
+            grid = sample((ema_unet, ema_te, latents), tokens, SAMPLE_CAPTIONS, steps=4, guidance=3.0, seed=0)
             save_grid(grid, run / f"samples_{step:06d}.png")
 
 
-def warm_start_unet(unet, ema_unet, path: Path) -> None:
-    """The UNet's weights from another run's checkpoint (its EMA), except those whose shape differs
+def warm_start(model, ema_model, path: Path, key: str) -> None:
+    """A model's weights from another run's checkpoint (its EMA, `key`), except those whose shape differs
     (the cross-attention key/value projections when the text width changed): those keep their init."""
-    source = torch.load(path, weights_only=False)["ema_unet"]
-    own = unet.state_dict()
+    source = torch.load(path, weights_only=False)[key]
+    own = model.state_dict()
     kept = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    unet.load_state_dict(kept, strict=False)
-    ema_unet.load_state_dict(kept, strict=False)
-    print(f"UNet from {path}: {len(kept)} of {len(own)} tensors, the rest fresh", flush=True)
+    model.load_state_dict(kept, strict=False)
+    ema_model.load_state_dict(kept, strict=False)
+    print(f"{key} from {path}: {len(kept)} of {len(own)} tensors, the rest fresh", flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -292,12 +388,14 @@ def scheduler_config() -> dict:
 
 
 @torch.no_grad()
-def sample(unet, te, tokens, texts: list[str], steps: int, guidance: float, seed: int) -> np.ndarray:
-    """Pictures [N, 64, 64, 3] uint8, one per caption; caption i uses seed + i (as a batch-1 request would)."""
+def sample(models, tokens, texts: list[str], steps: int, guidance: float, seed: int) -> np.ndarray:
+    """Pictures [N, 64, 64, 3] uint8, one per caption; caption i uses seed + i (as a batch-1 request would).
+    models: (unet, text encoder, latents)."""
+    unet, te, latents = models
     sched = EulerDiscreteScheduler(**scheduler_config())
     cond = te(input_ids=tokens(texts)).last_hidden_state
     uncond = te(input_ids=tokens([""])).last_hidden_state.expand_as(cond)
-    lat = torch.cat([torch.randn(1, LATENT_CHANNELS, SIZE // FOLD, SIZE // FOLD,
+    lat = torch.cat([torch.randn(1, latents.channels, latents.hw, latents.hw,
                                  generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(len(texts))])
     sched.set_timesteps(steps)
     lat = lat * sched.init_noise_sigma
@@ -306,7 +404,7 @@ def sample(unet, te, tokens, texts: list[str], steps: int, guidance: float, seed
         out = unet(x, t, encoder_hidden_states=torch.cat([uncond, cond]), return_dict=False)[0]
         u, c = out.chunk(2)
         lat = sched.step(u + guidance * (c - u), t, lat).prev_sample
-    pixels = Unfold()(lat / SCALE) + SHIFT
+    pixels = latents.decode(lat)
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
@@ -329,7 +427,7 @@ def evaluate(args) -> None:
     torch.set_num_threads(1)
     import check_scenes
 
-    unet, te, state = load_models(Path(args.run))
+    *models, state = load_models(Path(args.run))
     tokens = Tokens()
     prompts = scenes.load_heldout()["eval_prompts"]
     rng = random.Random(99)
@@ -337,7 +435,7 @@ def evaluate(args) -> None:
     results = {"step": state["step"], "guidance": args.guidance}
     for steps in [int(s) for s in args.step_counts.split(",")]:
         for name, texts in (("heldout", prompts), ("train_distribution", train_prompts)):
-            pics = np.concatenate([sample(unet, te, tokens, texts[i:i + 16], steps, args.guidance, 1000 + i)
+            pics = np.concatenate([sample(models, tokens, texts[i:i + 16], steps, args.guidance, 1000 + i)
                                    for i in range(0, len(texts), 16)])
             rows = [check_scenes.check(p, t) for p, t in zip(pics, texts)]
             results[f"{name}_steps{steps}"] = summarise(rows, texts)
@@ -352,10 +450,10 @@ def probe(args) -> None:
     relations, then "a red ball" and "a blue car" alone, 4 steps. A model that ignores relations draws the
     six alike."""
     torch.set_num_threads(1)
-    unet, te, state = load_models(Path(args.run))
+    *models, state = load_models(Path(args.run))
     tokens = Tokens()
     texts = [f"a red ball {r} a blue car" for r in scenes.RELATIONS] + ["a red ball", "a blue car"]
-    pics = [sample(unet, te, tokens, [t], 4, args.guidance, seed)[0] for seed in (7, 8, 9, 10) for t in texts]
+    pics = [sample(models, tokens, [t], 4, args.guidance, seed)[0] for seed in (7, 8, 9, 10) for t in texts]
     out = Path(args.out)
     save_grid(np.stack(pics), out)
     print(f"step {state['step']}: {out}")
@@ -404,37 +502,28 @@ scheduler = "euler"
 
 def export(args) -> None:
     io.setup_torch()
-    unet, te, state = load_models(Path(args.run))
+    unet, te, latents, state = load_models(Path(args.run))
     unet.set_attn_processor(AttnProcessor())
     out = Path(args.out)
     io.clean_dir(out)
     io.copy_tokenizer(TOKENIZER_DIR, out / "tokenizer")
     io.export_text_encoder(te, out / "text_encoder" / "model.onnx", torch.int32)
     io.write_text_encoder_config(te, out / "text_encoder")
-    hw = SIZE // FOLD
+    hw, channels = latents.hw, latents.channels
     g = torch.Generator().manual_seed(0)
-    io.export_onnx(UNetExport(unet), (torch.randn(2, LATENT_CHANNELS, hw, hw, generator=g), torch.tensor(999.0),
+    io.export_onnx(UNetExport(unet), (torch.randn(2, channels, hw, hw, generator=g), torch.tensor(999.0),
                                       torch.randn(2, io.MAX_LENGTH, te.config.hidden_size, generator=g)),
                    out / "unet" / "model.onnx", ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
                    {"sample": {0: "batch_size", 2: "height", 3: "width"},
                     "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
                     "out_sample": {0: "batch_size", 2: "height", 3: "width"}})
     unet.save_config(str(out / "unet"))
-    io.export_onnx(Unfold(), (torch.randn(1, LATENT_CHANNELS, hw, hw, generator=g),), out / "vae_decoder" / "model.onnx",
+    io.export_onnx(latents.decoder_module(), (torch.randn(1, channels, hw, hw, generator=g),),
+                   out / "vae_decoder" / "model.onnx",
                    ["latent_sample"], ["sample"],
                    {"latent_sample": {0: "batch_size", 2: "height", 3: "width"},
                     "sample": {0: "batch_size", 2: "height", 3: "width"}})
-    io.write_plain_json(out / "vae_decoder" / "config.json", {
-        "_class_name": "SpaceToDepthDecoder",
-        "_note": "pixel space folded 4x4 into 48 channels; decoder = depth-to-space (tools/train_diffusion.py)",
-        "block_out_channels": [LATENT_CHANNELS] * 3,  # length 3: 2 ** (3 - 1) = 4x upsampling
-        "latent_channels": LATENT_CHANNELS,
-        "in_channels": 3,
-        "out_channels": 3,
-        "sample_size": SIZE,
-        "scaling_factor": SCALE,
-        "shift_factor": SHIFT,
-    })
+    io.write_plain_json(out / "vae_decoder" / "config.json", latents.decoder_config())
     EulerDiscreteScheduler(**scheduler_config()).save_config(str(out / "scheduler"))
     io.write_plain_json(out / "model_index.json", {
         "_class_name": "StableDiffusionPipeline",
@@ -451,7 +540,7 @@ def export(args) -> None:
     (out / "edgegen.toml").write_text(manifest(state["step"]), encoding="utf-8")
     # onnxruntime vs torch on one denoising call
     sess = io.ort_session(out / "unet" / "model.onnx")
-    x = torch.randn(1, LATENT_CHANNELS, hw, hw, generator=g)
+    x = torch.randn(1, channels, hw, hw, generator=g)
     e = torch.randn(1, io.MAX_LENGTH, te.config.hidden_size, generator=g)
     with torch.no_grad():
         want = unet(x, torch.tensor(500.0), encoder_hidden_states=e, return_dict=False)[0]
@@ -459,6 +548,59 @@ def export(args) -> None:
                                     "encoder_hidden_states": e.numpy()})[0]
     print(f"exported step {state['step']} to {out}: {io.dir_size(out)} bytes; unet onnx vs torch "
           f"{io.max_abs_diff(got, want):.2e}")
+
+
+REFERENCE_CASES = [
+    ("a red apple on a green tree", 1), ("a blue car left of an orange house", 2), ("two yellow suns", 3),
+    ("a purple ball", 4), ("a green cloud above a red flower", 5),
+]
+
+
+def references(args) -> None:
+    """tests/fixtures/bundled/<model>/: the pictures onnxruntime makes from the exported bundle for fixed
+    prompts and seeds, at the manifest's defaults, drawing the initial latents as edgegen does
+    (torch.randn on a generator seeded with the request's seed), with the bundle's Euler scheduler."""
+    import tomllib
+
+    from PIL import Image
+
+    bundle = Path(args.out)
+    dest = ROOT / "tests" / "fixtures" / "bundled" / bundle.name
+    io.clean_dir(dest)
+    defaults = tomllib.loads((bundle / "edgegen.toml").read_text())["defaults"]
+    tok = io.load_tokenizer(bundle / "tokenizer")
+    text_encoder = io.ort_session(bundle / "text_encoder" / "model.onnx")
+    unet = io.ort_session(bundle / "unet" / "model.onnx")
+    vae = io.ort_session(bundle / "vae_decoder" / "model.onnx")
+    vae_config = json.loads((bundle / "vae_decoder" / "config.json").read_text())
+    channels = vae_config["latent_channels"]
+    hw = defaults["height"] // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    cases = []
+    for prompt, seed in REFERENCE_CASES:
+        ids = np.array([io.tokenize(tok, p) for p in ("", prompt)], dtype=np.int32)
+        embeds = text_encoder.run(["last_hidden_state"], {"input_ids": ids})[0]
+        sched = EulerDiscreteScheduler.from_pretrained(str(bundle / "scheduler"))
+        sched.set_timesteps(defaults["steps"])
+        lat = torch.randn(1, channels, hw, hw, generator=torch.Generator("cpu").manual_seed(seed))
+        lat = lat * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x = sched.scale_model_input(torch.cat([lat, lat]), t).numpy()
+            out = unet.run(["out_sample"], {"sample": x, "timestep": np.array(float(t), dtype=np.float32),
+                                            "encoder_hidden_states": embeds})[0]
+            u, c = torch.from_numpy(out).chunk(2)
+            lat = sched.step(u + defaults["guidance"] * (c - u), t, lat).prev_sample
+        z = (lat / vae_config["scaling_factor"] + vae_config.get("shift_factor", 0.0)).numpy()
+        pixels = vae.run(["sample"], {"latent_sample": z})[0][0]
+        rgb = (np.clip(pixels / 2 + 0.5, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+        png = f"seed{seed}-{'-'.join(prompt.split()[1:3])}.png"
+        Image.fromarray(rgb).save(dest / png)
+        cases.append({"prompt": prompt, "seed": seed, "png": png})
+    io.write_plain_json(dest / "cases.json", {
+        "model": bundle.name,
+        "reference": "onnxruntime on the bundle's ONNX files, tools/train_diffusion.py references",
+        "cases": cases,
+    })
+    print(f"{len(cases)} reference pictures in {dest}")
 
 
 def slim(args) -> None:
@@ -475,7 +617,7 @@ def slim(args) -> None:
 def bench(args) -> None:
     """Seconds per training step (fp32 and bf16 autocast) at the given batch, one thread."""
     torch.set_num_threads(1)
-    unet, te = build_unet(args.arch), build_text_encoder(args.arch)
+    unet, te, latents = build_unet(args.arch), build_text_encoder(args.arch), latents_for(args.arch)
     print(f"unet parameters {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M")
     opt = torch.optim.AdamW(list(unet.parameters()) + list(te.parameters()), 1e-4)
     tokens = Tokens()
@@ -486,7 +628,7 @@ def bench(args) -> None:
             pixels, texts = batch_at(step, args.batch)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 cond = te(input_ids=tokens(texts)).last_hidden_state
-                pred = unet(fold(pixels), torch.randint(0, 1000, (args.batch,)), encoder_hidden_states=cond,
+                pred = unet(latents.encode(pixels), torch.randint(0, 1000, (args.batch,)), encoder_hidden_states=cond,
                             return_dict=False)[0]
             loss = pred.float().pow(2).mean()
             opt.zero_grad()
@@ -498,7 +640,7 @@ def bench(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "export", "eval", "bench", "slim", "probe"])
+    p.add_argument("command", choices=["train", "export", "eval", "bench", "slim", "probe", "references"])
     p.add_argument("--run", default="/work/train/diffusion")
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--batch", type=int, default=32)
@@ -507,8 +649,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="training threads (2 when nothing else runs on a 2-core machine)")
     p.add_argument("--weighting", default="v-min5", choices=["v-min5", "min-snr5"])
-    p.add_argument("--arch", default="v2", choices=list(ARCHS), help="model shape of a new run (see ARCHS)")
+    p.add_argument("--arch", default="v3", choices=list(ARCHS), help="model shape of a new run (see ARCHS)")
     p.add_argument("--init-unet", help="a new run's UNet starts from this checkpoint's (matching shapes only)")
+    p.add_argument("--init-te", help="a new run's text encoder starts from this checkpoint's (matching shapes only)")
     p.add_argument("--save-seconds", type=float, default=180.0)
     p.add_argument("--sample-every", type=int, default=250)
     p.add_argument("--out", default="models/scenes-sd")
@@ -516,7 +659,7 @@ def main() -> None:
     p.add_argument("--step-counts", default="1,2,4,8")
     args = p.parse_args()
     {"train": train, "export": export, "eval": evaluate, "bench": bench, "slim": slim,
-     "probe": probe}[args.command](args)
+     "probe": probe, "references": references}[args.command](args)
 
 
 if __name__ == "__main__":

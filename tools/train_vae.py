@@ -1,0 +1,193 @@
+"""Train the small autoencoder (diffusers AutoencoderKL, Stable Diffusion's VAE scaled down) of the scene world.
+
+64x64 RGB <-> 8x8x8 latents (8x downsampling, like SD's VAE). The diffusion model of
+tools/train_diffusion.py (arch "v3") denoises these latents, so its UNet lays out a scene on an 8x8 grid
+and the decoder draws the clip-art; the bundle's vae_decoder is this model's decoder.
+
+Loss: L1 + L2 on pixels in [-1, 1], KL weight 1e-5 on the posterior (keeps the latents smooth enough to
+denoise), Gaussian noise of std LATENT_NOISE on the sampled latent (the decoder then tolerates the small
+errors a few-step sampler leaves). Data: tools/scenes.py split "train" only, so held-out colour-object
+pairs are never drawn by the decoder in training either.
+
+CPU, seeded, checkpoints to <run>/ckpt.pt and resumes:
+
+    nohup /work/venv/bin/python tools/train_vae.py train --run /work/train/vae --steps 3000 --threads 2 &
+    /work/venv/bin/python tools/train_vae.py eval --run /work/train/vae    # checker on reconstructions
+    /work/venv/bin/python tools/train_vae.py slim --run /work/train/vae    # -> tools/checkpoints/scenes-vae.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import numpy as np
+import torch
+
+TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS))
+import scenes  # noqa: E402
+
+from diffusers import AutoencoderKL  # noqa: E402
+
+SIZE = 64
+LATENT_CHANNELS = 8
+SEED = 23
+KL_WEIGHT = 1e-5
+LATENT_NOISE = 0.05
+
+
+def build_vae() -> AutoencoderKL:
+    torch.manual_seed(SEED)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8)
+
+
+def batch(start: int, n: int, seed: int = SEED) -> torch.Tensor:
+    pics = [scenes.training_example(start + i, seed=seed)[0] for i in range(n)]
+    return torch.from_numpy(np.stack(pics)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load(run: Path) -> tuple[AutoencoderKL, dict]:
+    state = torch.load(run / "ckpt.pt", weights_only=False)
+    vae = build_vae()
+    vae.load_state_dict(state["ema"])
+    return vae.eval(), state
+
+
+def train(args) -> None:
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    vae = build_vae().train()
+    ema = copy.deepcopy(vae).eval()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    step, wall = 0, 0.0
+    ckpt = run / "ckpt.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["vae"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, wall = state["step"], state["wall_seconds"]
+        print(f"resumed at step {step} ({wall / 60:.1f} min)", flush=True)
+    print(f"parameters: encoder {(count(vae.encoder) + count(vae.quant_conv)) / 1e6:.2f} M, decoder "
+          f"{(count(vae.decoder) + count(vae.post_quant_conv)) / 1e6:.2f} M", flush=True)
+    log = open(run / "log.txt", "a")
+    started, last_save = time.monotonic() - wall, time.monotonic()
+    pairs = list(zip(ema.parameters(), vae.parameters()))
+    while step < args.steps:
+        g = torch.Generator().manual_seed(SEED * 7919 + step)
+        x = batch(step * args.batch, args.batch)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = z + LATENT_NOISE * torch.randn(z.shape, generator=g)
+        y = vae.decode(z).sample
+        rec = (y - x).abs().mean() + ((y - x) ** 2).mean()
+        kl = post.kl().mean() / (SIZE * SIZE * 3)
+        loss = rec + KL_WEIGHT * kl
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 100)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for pe, p in pairs:
+                pe.mul_(decay).add_(p, alpha=1 - decay)
+        step += 1
+        if step % 25 == 0:
+            line = (f"step {step} rec {rec.item():.4f} kl {kl.item():.3f} "
+                    f"wall {(time.monotonic() - started) / 60:.1f} min")
+            print(line, flush=True)
+            log.write(line + "\n")
+            log.flush()
+        if time.monotonic() - last_save > args.save_seconds or step == args.steps:
+            wall = time.monotonic() - started
+            save_checkpoint(ckpt, {"vae": vae.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                   "step": step, "wall_seconds": wall})
+            last_save = time.monotonic()
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def latent_stats(vae: AutoencoderKL, n: int = 512) -> tuple[float, float]:
+    """shift_factor and scaling_factor: (latents - shift) * scale has mean 0 and std 1 over n pictures."""
+    z = torch.cat([vae.encode(batch(10_000_000 + i, 64)).latent_dist.mean for i in range(0, n, 64)])
+    return float(z.mean()), float(1.0 / z.std())
+
+
+@torch.no_grad()
+def evaluate(args) -> None:
+    """Checker on reconstructions of held-out pictures: the ceiling the diffusion model can reach."""
+    torch.set_num_threads(args.threads)
+    import check_scenes
+
+    vae, state = load(Path(args.run))
+    prompts = scenes.load_heldout()["eval_prompts"]
+    rows, psnr = [], []
+    for i, text in enumerate(prompts):
+        pic = scenes.render(text, seed=5000 + i)
+        x = torch.from_numpy(pic.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        out = ((y[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        rows.append(check_scenes.check(out, text))
+        mse = float(((out.astype(np.float64) - pic) ** 2).mean())
+        psnr.append(10 * np.log10(255 ** 2 / max(mse, 1e-10)))
+    shift, scale = latent_stats(vae)
+    result = {"step": state["step"], "n": len(rows), "psnr_db": round(float(np.mean(psnr)), 2),
+              "shift_factor": round(shift, 4), "scaling_factor": round(scale, 4)}
+    for k in ("full", "objects", "colours", "counts", "relation"):
+        vals = [r[k] for r in rows if r[k] is not None]
+        result[k] = round(float(np.mean(vals)), 4)
+    print(json.dumps(result), flush=True)
+    (Path(args.run) / f"eval_{state['step']:06d}.json").write_text(json.dumps(result, indent=1))
+
+
+def slim(args) -> None:
+    """The EMA weights and the latents' shift and scale: what tools/train_diffusion.py (arch v3) and the
+    bundle's vae_decoder need."""
+    torch.set_num_threads(args.threads)
+    vae, state = load(Path(args.run))
+    shift, scale = latent_stats(vae)
+    torch.save({"ema": vae.state_dict(), "step": state["step"], "wall_seconds": state["wall_seconds"],
+                "shift_factor": shift, "scaling_factor": scale}, args.out)
+    print(f"step {state['step']} -> {args.out} ({Path(args.out).stat().st_size} bytes), "
+          f"shift {shift:.4f} scale {scale:.4f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["train", "eval", "slim"])
+    p.add_argument("--run", default="/work/train/vae")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-seconds", type=float, default=120.0)
+    p.add_argument("--out", default=str(TOOLS / "checkpoints" / "scenes-vae.pt"))
+    args = p.parse_args()
+    {"train": train, "eval": evaluate, "slim": slim}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
