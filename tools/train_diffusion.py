@@ -54,7 +54,8 @@ sys.path.insert(0, str(TOOLS / "fixtures"))
 import bundle_io as io  # noqa: E402
 import scenes  # noqa: E402
 
-from diffusers import EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import (EulerDiscreteScheduler, LatentConsistencyModelPipeline, LCMScheduler,  # noqa: E402
+                       UNet2DConditionModel)
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 
 SIZE = 64
@@ -424,32 +425,40 @@ def save_grid(pics: np.ndarray, path: Path, cols: int = 8) -> None:
 
 
 def evaluate(args) -> None:
-    torch.set_num_threads(1)
-    import check_scenes
-
+    torch.set_num_threads(args.threads)
     *models, state = load_models(Path(args.run))
     tokens = Tokens()
+    score(lambda texts, steps, seed: sample(models, tokens, texts, steps, args.guidance, seed),
+          Path(args.run), state["step"], args)
+
+
+def score(sampler, run: Path, step: int, args) -> dict:
+    """The checker over the 240 held-out prompts and 240 training-distribution captions at each of
+    args.step_counts; sampler(texts, steps, seed) -> uint8 pictures. Writes <run>/eval_<step>.json and the
+    4-step held-out grid."""
+    import check_scenes
+
     prompts = scenes.load_heldout()["eval_prompts"]
     rng = random.Random(99)
     train_prompts = [scenes.caption(scenes.sample_scene(rng, "train")) for _ in range(len(prompts))]
-    results = {"step": state["step"], "guidance": args.guidance}
+    results = {"step": step, "guidance": args.guidance}
     for steps in [int(s) for s in args.step_counts.split(",")]:
         for name, texts in (("heldout", prompts), ("train_distribution", train_prompts)):
-            pics = np.concatenate([sample(models, tokens, texts[i:i + 16], steps, args.guidance, 1000 + i)
-                                   for i in range(0, len(texts), 16)])
+            pics = np.concatenate([sampler(texts[i:i + 16], steps, 1000 + i) for i in range(0, len(texts), 16)])
             rows = [check_scenes.check(p, t) for p, t in zip(pics, texts)]
             results[f"{name}_steps{steps}"] = summarise(rows, texts)
             if steps == 4 and name == "heldout":
-                save_grid(pics[:32], Path(args.run) / f"eval_grid_{state['step']:06d}.png")
+                save_grid(pics[:32], run / f"eval_grid_{step:06d}.png")
             print(name, steps, json.dumps(results[f"{name}_steps{steps}"]), flush=True)
-    (Path(args.run) / f"eval_{state['step']:06d}.json").write_text(json.dumps(results, indent=1))
+    (run / f"eval_{step:06d}.json").write_text(json.dumps(results, indent=1))
+    return results
 
 
 def probe(args) -> None:
     """Does the model read the relation word? One row per seed: "a red ball REL a blue car" for the six
     relations, then "a red ball" and "a blue car" alone, 4 steps. A model that ignores relations draws the
     six alike."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     *models, state = load_models(Path(args.run))
     tokens = Tokens()
     texts = [f"a red ball {r} a blue car" for r in scenes.RELATIONS] + ["a red ball", "a blue car"]
@@ -480,43 +489,56 @@ class UNetExport(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+                         return_dict=False)[0]
 
 
-def manifest(step: int) -> str:
+def manifest(trained_by: str, scheduler: str, guidance: float) -> str:
     return f"""# edgegen bundle manifest
 name = "Scenes SD (64x64)"
 kind = "diffusion"
-description = \"\"\"A small Stable-Diffusion-shaped model (CLIP text encoder, UNet with cross-attention, space-to-depth "VAE" decoder) trained from scratch on CPU by tools/train_diffusion.py ({step} steps) on the procedural clip-art world of tools/scenes.py: colours red, green, blue, yellow, orange, purple; objects apple, tree, sun, house, car, ball, cloud, flower; counts one to three; relations on, above, below, left of, right of, next to. See docs/quality.md for what it gets right.\"\"\"
+description = \"\"\"A small Stable-Diffusion-shaped model (CLIP text encoder, UNet with cross-attention, VAE decoder) trained from scratch on CPU ({trained_by}) on the procedural clip-art world of tools/scenes.py: colours red, green, blue, yellow, orange, purple; objects apple, tree, sun, house, car, ball, cloud, flower; counts one to three; relations on, above, below, left of, right of, next to. See docs/quality.md for what it gets right.\"\"\"
 license = "Apache-2.0"
 
 [defaults]
 steps = 4
-guidance = 3.0
+guidance = {guidance}
 width = 64
 height = 64
-scheduler = "euler"
+scheduler = "{scheduler}"
 """
 
 
 def export(args) -> None:
     io.setup_torch()
     unet, te, latents, state = load_models(Path(args.run))
+    write_bundle(Path(args.out), (unet, te, latents), scheduler=EulerDiscreteScheduler(**scheduler_config()),
+                 manifest_text=manifest(f"tools/train_diffusion.py, {state['step']} steps", "euler", 3.0))
+    print(f"exported step {state['step']} to {args.out}")
+
+
+def write_bundle(out: Path, models, scheduler, manifest_text: str) -> None:
+    """The diffusers/optimum ONNX layout the pipeline loads. A UNet with time_cond_proj_dim (an LCM student)
+    gets the timestep_cond input."""
+    unet, te, latents = models
     unet.set_attn_processor(AttnProcessor())
-    out = Path(args.out)
     io.clean_dir(out)
     io.copy_tokenizer(TOKENIZER_DIR, out / "tokenizer")
     io.export_text_encoder(te, out / "text_encoder" / "model.onnx", torch.int32)
     io.write_text_encoder_config(te, out / "text_encoder")
     hw, channels = latents.hw, latents.channels
     g = torch.Generator().manual_seed(0)
-    io.export_onnx(UNetExport(unet), (torch.randn(2, channels, hw, hw, generator=g), torch.tensor(999.0),
-                                      torch.randn(2, io.MAX_LENGTH, te.config.hidden_size, generator=g)),
-                   out / "unet" / "model.onnx", ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
-                   {"sample": {0: "batch_size", 2: "height", 3: "width"},
-                    "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-                    "out_sample": {0: "batch_size", 2: "height", 3: "width"}})
+    cond_dim = unet.config.time_cond_proj_dim
+    names = ["sample", "timestep", "encoder_hidden_states"] + (["timestep_cond"] if cond_dim else [])
+    example = [torch.randn(2, channels, hw, hw, generator=g), torch.tensor(999.0),
+               torch.randn(2, io.MAX_LENGTH, te.config.hidden_size, generator=g)]
+    example += [torch.randn(2, cond_dim, generator=g)] if cond_dim else []
+    axes = {"sample": {0: "batch_size", 2: "height", 3: "width"},
+            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+            "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
+    axes.update({"timestep_cond": {0: "batch_size"}} if cond_dim else {})
+    io.export_onnx(UNetExport(unet), tuple(example), out / "unet" / "model.onnx", names, ["out_sample"], axes)
     unet.save_config(str(out / "unet"))
     io.export_onnx(latents.decoder_module(), (torch.randn(1, channels, hw, hw, generator=g),),
                    out / "vae_decoder" / "model.onnx",
@@ -524,30 +546,32 @@ def export(args) -> None:
                    {"latent_sample": {0: "batch_size", 2: "height", 3: "width"},
                     "sample": {0: "batch_size", 2: "height", 3: "width"}})
     io.write_plain_json(out / "vae_decoder" / "config.json", latents.decoder_config())
-    EulerDiscreteScheduler(**scheduler_config()).save_config(str(out / "scheduler"))
+    scheduler.save_config(str(out / "scheduler"))
     io.write_plain_json(out / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "LatentConsistencyModelPipeline" if cond_dim else "StableDiffusionPipeline",
         "_diffusers_version": __import__("diffusers").__version__,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": [None, None],
     })
-    (out / "edgegen.toml").write_text(manifest(state["step"]), encoding="utf-8")
+    (out / "edgegen.toml").write_text(manifest_text, encoding="utf-8")
     # onnxruntime vs torch on one denoising call
     sess = io.ort_session(out / "unet" / "model.onnx")
     x = torch.randn(1, channels, hw, hw, generator=g)
     e = torch.randn(1, io.MAX_LENGTH, te.config.hidden_size, generator=g)
+    feed = {"sample": x.numpy(), "timestep": np.array(500.0, dtype=np.float32), "encoder_hidden_states": e.numpy()}
+    w = torch.randn(1, cond_dim, generator=g) if cond_dim else None
+    if cond_dim:
+        feed["timestep_cond"] = w.numpy()
     with torch.no_grad():
-        want = unet(x, torch.tensor(500.0), encoder_hidden_states=e, return_dict=False)[0]
-    got = sess.run(["out_sample"], {"sample": x.numpy(), "timestep": np.array(500.0, dtype=np.float32),
-                                    "encoder_hidden_states": e.numpy()})[0]
-    print(f"exported step {state['step']} to {out}: {io.dir_size(out)} bytes; unet onnx vs torch "
-          f"{io.max_abs_diff(got, want):.2e}")
+        want = unet(x, torch.tensor(500.0), encoder_hidden_states=e, timestep_cond=w, return_dict=False)[0]
+    got = sess.run(["out_sample"], feed)[0]
+    print(f"{out}: {io.dir_size(out)} bytes; unet onnx vs torch {io.max_abs_diff(got, want):.2e}")
 
 
 REFERENCE_CASES = [
@@ -575,21 +599,32 @@ def references(args) -> None:
     vae_config = json.loads((bundle / "vae_decoder" / "config.json").read_text())
     channels = vae_config["latent_channels"]
     hw = defaults["height"] // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    unet_types = io.onnx_input_types(unet)
+    lcm = "timestep_cond" in unet_types
     cases = []
     for prompt, seed in REFERENCE_CASES:
-        ids = np.array([io.tokenize(tok, p) for p in ("", prompt)], dtype=np.int32)
+        ids = np.array([io.tokenize(tok, p) for p in ([prompt] if lcm else ["", prompt])], dtype=np.int32)
         embeds = text_encoder.run(["last_hidden_state"], {"input_ids": ids})[0]
-        sched = EulerDiscreteScheduler.from_pretrained(str(bundle / "scheduler"))
+        sched = (LCMScheduler if lcm else EulerDiscreteScheduler).from_pretrained(str(bundle / "scheduler"))
         sched.set_timesteps(defaults["steps"])
-        lat = torch.randn(1, channels, hw, hw, generator=torch.Generator("cpu").manual_seed(seed))
-        lat = lat * sched.init_noise_sigma
+        generator = torch.Generator("cpu").manual_seed(seed)
+        lat = torch.randn(1, channels, hw, hw, generator=generator) * sched.init_noise_sigma
+        extra = {}
+        if lcm:
+            extra["timestep_cond"] = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+                None, torch.tensor([defaults["guidance"] - 1.0]),
+                embedding_dim=unet_types["timestep_cond"][1][1]).numpy()
         for t in sched.timesteps:
-            x = sched.scale_model_input(torch.cat([lat, lat]), t).numpy()
+            x = sched.scale_model_input(lat if lcm else torch.cat([lat, lat]), t).numpy()
             out = unet.run(["out_sample"], {"sample": x, "timestep": np.array(float(t), dtype=np.float32),
-                                            "encoder_hidden_states": embeds})[0]
-            u, c = torch.from_numpy(out).chunk(2)
-            lat = sched.step(u + defaults["guidance"] * (c - u), t, lat).prev_sample
-        z = (lat / vae_config["scaling_factor"] + vae_config.get("shift_factor", 0.0)).numpy()
+                                            "encoder_hidden_states": embeds, **extra})[0]
+            if lcm:
+                lat, denoised = sched.step(torch.from_numpy(out), t, lat, generator=generator, return_dict=False)
+            else:
+                u, c = torch.from_numpy(out).chunk(2)
+                lat = sched.step(u + defaults["guidance"] * (c - u), t, lat).prev_sample
+        final = denoised if lcm else lat
+        z = (final / vae_config["scaling_factor"] + vae_config.get("shift_factor", 0.0)).numpy()
         pixels = vae.run(["sample"], {"latent_sample": z})[0][0]
         rgb = (np.clip(pixels / 2 + 0.5, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(1, 2, 0)
         png = f"seed{seed}-{'-'.join(prompt.split()[1:3])}.png"
@@ -647,7 +682,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (AMX CPUs: faster)")
     p.add_argument("--threads", type=int, default=1,
-                   help="training threads (2 when nothing else runs on a 2-core machine)")
+                   help="threads for train, eval and probe (2 when nothing else runs on a 2-core machine)")
     p.add_argument("--weighting", default="v-min5", choices=["v-min5", "min-snr5"])
     p.add_argument("--arch", default="v3", choices=list(ARCHS), help="model shape of a new run (see ARCHS)")
     p.add_argument("--init-unet", help="a new run's UNet starts from this checkpoint's (matching shapes only)")
