@@ -60,6 +60,7 @@ QUANTIZED_OP_TYPES = ["Conv", "MatMul", "Gemm"]
 EMBEDDING_OP_TYPES = ["Gather"]
 MODES = ("qdq", "dynamic", "f16")
 MAX_LENGTH = 77
+# diffusers' defaults when vae_decoder/config.json leaves them out
 LATENT_CHANNELS = 4
 VAE_SCALE = 8
 
@@ -161,7 +162,10 @@ class OrtBundle:
         defaults = self.defaults()
         unet_config = json.loads((self.bundle / "unet" / "config.json").read_text())
         vae_config = json.loads((self.bundle / "vae_decoder" / "config.json").read_text())
-        default_size = unet_config.get("sample_size", 64) * VAE_SCALE
+        channels = vae_config.get("latent_channels", LATENT_CHANNELS)
+        blocks = vae_config.get("block_out_channels")
+        vae_scale = 2 ** (len(blocks) - 1) if blocks else VAE_SCALE
+        default_size = unet_config.get("sample_size", 64) * vae_scale
         steps = steps or defaults.get("steps", 4)
         guidance = defaults.get("guidance", 7.5) if guidance is None else guidance
         width = width or defaults.get("width", default_size)
@@ -176,7 +180,7 @@ class OrtBundle:
         scheduler = self._scheduler()
         scheduler.set_timesteps(steps)
         generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (1, LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE)
+        shape = (1, channels, height // vae_scale, width // vae_scale)
         latents = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
         params = inspect.signature(scheduler.step).parameters
         step_kwargs = {"generator": generator} if "generator" in params else {}
@@ -208,7 +212,9 @@ class OrtBundle:
                 denoised = out[1]
         final = denoised if is_lcm else latents
         scaling = vae_config.get("scaling_factor", 0.18215)
-        decoded = self.run("vae_decoder", {"latent_sample": (final / scaling).numpy().astype(np.float32)})
+        shift = vae_config.get("shift_factor") or 0.0
+        latent = (final / scaling + shift).numpy().astype(np.float32)
+        decoded = self.run("vae_decoder", {"latent_sample": latent})
         return np.clip(decoded / 2 + 0.5, 0.0, 1.0)[0].transpose(1, 2, 0)
 
     def _generate_gan(self, prompt: str, seed: int) -> np.ndarray:
@@ -236,11 +242,18 @@ def timestep_feed(t: float, input_type: str, input_shape: list, batch: int) -> n
     return np.full((batch,), value, dtype=dtype)
 
 
-def calibration_feeds(bundle: Path, prompts: int, steps: int | None, size: int | None) -> Recorder:
-    """Run the bundle's pipeline on `prompts` calibration prompts and keep every component input."""
+def calibration_prompts(args) -> list[str]:
+    if args.calibration_prompts:
+        lines = args.calibration_prompts.read_text(encoding="utf-8").splitlines()
+        return [line for line in lines if line.strip()][:args.prompts]
+    return CALIBRATION_PROMPTS[:args.prompts]
+
+
+def calibration_feeds(bundle: Path, prompts: list[str], steps: int | None, size: int | None) -> Recorder:
+    """Run the bundle's pipeline on the calibration prompts and keep every component input."""
     recorder = Recorder()
     runner = OrtBundle(bundle, recorder)
-    for i, prompt in enumerate(CALIBRATION_PROMPTS[:prompts]):
+    for i, prompt in enumerate(prompts):
         negative = CALIBRATION_NEGATIVE if i % 2 else None
         runner.generate(prompt, CALIBRATION_SEED + i, steps=steps, width=size, height=size,
                         negative_prompt=negative)
@@ -496,7 +509,8 @@ def quantize_bundle(bundle: Path, out: Path, args) -> dict:
 
     # Feeds recorded from the float bundle: calibration data for qdq, and one check input per component.
     # qdq calibrates on all prompts; the other modes only need one input per component to check.
-    recorder = calibration_feeds(bundle, args.prompts if args.mode == "qdq" else 1, args.steps, args.size)
+    recorder = calibration_feeds(bundle, calibration_prompts(args)[:args.prompts if args.mode == "qdq" else 1],
+                                 args.steps, args.size)
     report = {"mode": args.mode, "source": bundle.name, "components": {}}
     for component in COMPONENTS:
         src = bundle / component / "model.onnx"
@@ -525,7 +539,7 @@ def quantize_bundle(bundle: Path, out: Path, args) -> dict:
         "keep_float": args.keep_float,
         "op_types": (["Conv", "MatMul"] if args.qoperator else qdq_op_types(args)) if args.mode == "qdq" else
         (["MatMul", "Gemm"] + (["Conv"] if args.dynamic_conv else []) if args.mode == "dynamic" else "all"),
-        "calibration_prompts": CALIBRATION_PROMPTS[:args.prompts] if args.mode == "qdq" else [],
+        "calibration_prompts": calibration_prompts(args) if args.mode == "qdq" else [],
         "calibration_steps": args.steps, "calibration_size": args.size,
         "onnxruntime": ort.__version__,
     }
@@ -556,7 +570,10 @@ def parse_args(argv=None):
     parser.add_argument("--keep-float", metavar="REGEX", default=DEFAULT_KEEP_FLOAT,
                         help="qdq mode: leave float the nodes whose weight name matches REGEX "
                         "(default: %(default)s; '' quantizes every Conv/MatMul/Gemm)")
-    parser.add_argument("--prompts", type=int, default=4, help="calibration prompts (max 8)")
+    parser.add_argument("--prompts", type=int, default=4,
+                        help="calibration prompts (max 8 of the built-in ones)")
+    parser.add_argument("--calibration-prompts", type=Path, metavar="FILE",
+                        help="calibration prompts, one per line, instead of the built-in ones")
     parser.add_argument("--steps", type=int, default=None, help="calibration steps (default: bundle's)")
     parser.add_argument("--size", type=int, default=None, help="calibration picture size (default: bundle's)")
     return parser.parse_args(argv)
