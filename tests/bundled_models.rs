@@ -91,10 +91,12 @@ fn bundled_models_make_their_reference_pictures() {
         .iter()
         .filter_map(|d| d.file_name()?.to_str().map(str::to_string))
         .collect();
-    assert!(
-        models.iter().any(|m| m == "scenes-gan"),
-        "no reference pictures for scenes-gan: {models:?}"
-    );
+    for model in ["scenes-gan", "scenes-sd"] {
+        assert!(
+            models.iter().any(|m| m == model),
+            "no reference pictures for {model}: {models:?}"
+        );
+    }
     let mut failures = Vec::new();
     for dir in dirs {
         for (name, diff) in check_model(&dir) {

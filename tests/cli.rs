@@ -42,6 +42,31 @@ fn generate_args<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// The README's first command, run where the README runs it: the repository's
+/// configuration picks the bundled default model.
+#[test]
+fn readme_command_uses_the_bundled_default_model() {
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path().join("apple.png");
+    let output = Command::new(env!("CARGO_BIN_EXE_edgegen"))
+        .args(["generate", "--prompt", "a red apple on a green tree", "--seed", "42"])
+        .arg("--output")
+        .arg(&out)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("EDGEGEN_LOG", "warn")
+        .env("EDGEGEN_ENGINE_CACHE_DIR", "off")
+        .output()
+        .expect("run edgegen");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let png = std::fs::read(&out).unwrap();
+    let parameters = edgegen::picture::read_parameters(&png)
+        .unwrap()
+        .expect("parameters chunk");
+    for field in ["Model: scenes-sd", "Size: 64x64", "Seed: 42"] {
+        assert!(parameters.contains(field), "{field} not in {parameters}");
+    }
+}
+
 #[test]
 fn generate_writes_png_with_parameters_and_sidecar() {
     let scratch = tempfile::tempdir().unwrap();

@@ -219,7 +219,7 @@ def export(args) -> None:
     trained_by = (f"tools/train_diffusion.py, {state['teacher_step']} steps, then LCM-distilled by tools/distill_lcm.py, "
                   f"{state['step']} steps")
     td.write_bundle(Path(args.out), (student, te, latents), scheduler=lcm_scheduler(),
-                    manifest_text=td.manifest(trained_by, "lcm", args.guidance))
+                    manifest_text=td.manifest(trained_by, "lcm", args.guidance, 4))
 
 
 def main() -> None:
