@@ -49,7 +49,13 @@ fn readme_command_uses_the_bundled_default_model() {
     let scratch = tempfile::tempdir().unwrap();
     let out = scratch.path().join("apple.png");
     let output = Command::new(env!("CARGO_BIN_EXE_edgegen"))
-        .args(["generate", "--prompt", "a red apple on a green tree", "--seed", "42"])
+        .args([
+            "generate",
+            "--prompt",
+            "a red apple on a green tree",
+            "--seed",
+            "42",
+        ])
         .arg("--output")
         .arg(&out)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
