@@ -24,7 +24,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_diffusion as td  # noqa: E402
+import training  # noqa: E402
 
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel  # noqa: E402
 
@@ -117,8 +117,7 @@ def train(args) -> None:
     ac = td.alphas_cumprod()
     k = 1000 // SOLVER_STEPS
     grid = torch.arange(1, SOLVER_STEPS + 1) * k - 1  # 19, 39, ..., 999
-    log = open(run / "log.txt", "a")
-    started, last_save = time.monotonic() - wall, time.monotonic()
+    progress = training.Progress(run, wall, args.save_seconds)
     pairs = list(zip(target.parameters(), student.parameters()))
     while step < args.steps:
         g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
@@ -150,20 +149,11 @@ def train(args) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            for pt, ps in pairs:
-                pt.mul_(TARGET_EMA).add_(ps, alpha=1 - TARGET_EMA)
+        training.ema_update(pairs, TARGET_EMA)
         step += 1
-        if step % 25 == 0:
-            line = f"step {step} loss {loss.item():.5f} wall {(time.monotonic() - started) / 60:.1f} min"
-            print(line, flush=True)
-            log.write(line + "\n")
-            log.flush()
-        if time.monotonic() - last_save > args.save_seconds or step == args.steps:
-            wall = time.monotonic() - started
-            td.save_checkpoint(ckpt, {"student": student.state_dict(), "target": target.state_dict(),
-                                      "opt": opt.state_dict(), "step": step, "wall_seconds": wall})
-            last_save = time.monotonic()
+        progress.report(step, f"loss {loss.item():.5f}")
+        progress.checkpoint(ckpt, step, args.steps, lambda: {
+            "student": student.state_dict(), "target": target.state_dict(), "opt": opt.state_dict()})
 
 
 def snapshot_teacher(source: Path, dest: Path) -> None:
@@ -171,7 +161,7 @@ def snapshot_teacher(source: Path, dest: Path) -> None:
     state = torch.load(source / "ckpt.pt", weights_only=False)
     dest.mkdir(parents=True, exist_ok=True)
     keep = {k: state[k] for k in ("ema_unet", "ema_te", "step", "wall_seconds", "arch") if k in state}
-    td.save_checkpoint(dest / "ckpt.pt", keep)
+    training.save_checkpoint(dest / "ckpt.pt", keep)
     print(f"teacher: {source} at step {state['step']}", flush=True)
 
 

@@ -53,6 +53,7 @@ sys.path.insert(0, str(TOOLS))
 sys.path.insert(0, str(TOOLS / "fixtures"))
 import bundle_io as io  # noqa: E402
 import scenes  # noqa: E402
+import training  # noqa: E402
 
 from diffusers import (EulerDiscreteScheduler, LatentConsistencyModelPipeline, LCMScheduler,  # noqa: E402
                        UNet2DConditionModel)
@@ -271,12 +272,6 @@ def batch_at(step: int, batch: int) -> tuple[torch.Tensor, list[str]]:
     return x, texts
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def load_models(run: Path, ema: bool = True):
     state = torch.load(run / "ckpt.pt", weights_only=False)
     arch = state.get("arch", "v1")
@@ -319,9 +314,7 @@ def train(args) -> None:
     tokens = Tokens()
     empty = tokens([""])[0]
     ac = alphas_cumprod()
-    log = open(run / "log.txt", "a")
-    started = time.monotonic() - wall
-    last_save = time.monotonic()
+    progress = training.Progress(run, wall, args.save_seconds)
     ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_te.parameters()), params))
     while step < args.steps:
         g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
@@ -346,23 +339,12 @@ def train(args) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            for pe, p in ema_pairs:
-                pe.mul_(decay).add_(p, alpha=1 - decay)
+        training.ema_update(ema_pairs, training.warmup_decay(step))
         step += 1
-        if step % 25 == 0:
-            line = f"step {step} loss {loss.item():.4f} wall {(time.monotonic() - started) / 60:.1f} min"
-            print(line, flush=True)
-            log.write(line + "\n")
-            log.flush()
-        if time.monotonic() - last_save > args.save_seconds or step == args.steps:
-            wall = time.monotonic() - started
-            save_checkpoint(ckpt, {"unet": unet.state_dict(), "te": te.state_dict(),
-                                   "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(),
-                                   "opt": opt.state_dict(), "step": step, "wall_seconds": wall,
-                                   "arch": args.arch})
-            last_save = time.monotonic()
+        progress.report(step, f"loss {loss.item():.4f}")
+        progress.checkpoint(ckpt, step, args.steps, lambda: {
+            "unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet.state_dict(),
+            "ema_te": ema_te.state_dict(), "opt": opt.state_dict(), "arch": args.arch})
         if step % args.sample_every == 0:
             grid = sample((ema_unet, ema_te, latents), tokens, SAMPLE_CAPTIONS, steps=4, guidance=3.0, seed=0)
             save_grid(grid, run / f"samples_{step:06d}.png")

@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import random
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +36,7 @@ TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 sys.path.insert(0, str(TOOLS / "fixtures"))
 import scenes  # noqa: E402
+import training  # noqa: E402
 
 COLOURS = list(scenes.COLOURS)
 OBJECTS = list(scenes.OBJECTS)
@@ -151,12 +149,6 @@ def split_label(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Training
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def train(args) -> None:
     torch.set_num_threads(1)
     run = Path(args.run)
@@ -178,9 +170,7 @@ def train(args) -> None:
         opt_d.load_state_dict(state["opt_d"])
         step, wall = state["step"], state["wall_seconds"]
         print(f"resumed at step {step} ({wall / 60:.1f} min of training so far)", flush=True)
-    log = open(run / "log.txt", "a")
-    last_save = time.monotonic()
-    started = time.monotonic() - wall
+    progress = training.Progress(run, wall, args.save_seconds, every=50)
     while step < args.steps:
         # batch of step `step` depends only on the step: resuming replays the same data order
         g = torch.Generator().manual_seed(SEED * 100_003 + step)
@@ -208,25 +198,16 @@ def train(args) -> None:
         opt_g.zero_grad()
         loss_g.backward()
         opt_g.step()
+        training.ema_update(zip(ema.parameters(), gen.parameters()), training.warmup_decay(step))
         with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), gen.parameters()):
-                pe.mul_(decay).add_(p, alpha=1 - decay)
             for be, b in zip(ema.buffers(), gen.buffers()):
                 be.copy_(b)
         step += 1
-        if step % 50 == 0:
-            line = (f"step {step} loss_d {loss_d.item():.3f} loss_g {loss_g.item():.3f} aux_real {aux_real.item():.3f} "
-                    f"aux_gen {aux_gen.item():.3f} wall {(time.monotonic() - started) / 60:.1f} min")
-            print(line, flush=True)
-            log.write(line + "\n")
-            log.flush()
-        if time.monotonic() - last_save > args.save_seconds or step == args.steps:
-            wall = time.monotonic() - started
-            save_checkpoint(ckpt, {"gen": gen.state_dict(), "disc": disc.state_dict(), "ema": ema.state_dict(),
-                                   "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step,
-                                   "wall_seconds": wall})
-            last_save = time.monotonic()
+        progress.report(step, f"loss_d {loss_d.item():.3f} loss_g {loss_g.item():.3f} aux_real {aux_real.item():.3f} "
+                              f"aux_gen {aux_gen.item():.3f}")
+        progress.checkpoint(ckpt, step, args.steps, lambda: {
+            "gen": gen.state_dict(), "disc": disc.state_dict(), "ema": ema.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()})
         if step % args.sample_every == 0:
             sample_grid(ema, run / f"samples_{step:06d}.png")
 

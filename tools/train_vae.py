@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -34,6 +33,7 @@ import torch
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 import scenes  # noqa: E402
+import training  # noqa: E402
 
 from diffusers import AutoencoderKL  # noqa: E402
 
@@ -55,12 +55,6 @@ def build_vae() -> AutoencoderKL:
 def batch(start: int, n: int, seed: int = SEED) -> torch.Tensor:
     pics = [scenes.training_example(start + i, seed=seed)[0] for i in range(n)]
     return torch.from_numpy(np.stack(pics)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def load(run: Path) -> tuple[AutoencoderKL, dict]:
@@ -88,8 +82,7 @@ def train(args) -> None:
         print(f"resumed at step {step} ({wall / 60:.1f} min)", flush=True)
     print(f"parameters: encoder {(count(vae.encoder) + count(vae.quant_conv)) / 1e6:.2f} M, decoder "
           f"{(count(vae.decoder) + count(vae.post_quant_conv)) / 1e6:.2f} M", flush=True)
-    log = open(run / "log.txt", "a")
-    started, last_save = time.monotonic() - wall, time.monotonic()
+    progress = training.Progress(run, wall, args.save_seconds)
     pairs = list(zip(ema.parameters(), vae.parameters()))
     while step < args.steps:
         g = torch.Generator().manual_seed(SEED * 7919 + step)
@@ -107,22 +100,11 @@ def train(args) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            for pe, p in pairs:
-                pe.mul_(decay).add_(p, alpha=1 - decay)
+        training.ema_update(pairs, training.warmup_decay(step))
         step += 1
-        if step % 25 == 0:
-            line = (f"step {step} rec {rec.item():.4f} kl {kl.item():.3f} "
-                    f"wall {(time.monotonic() - started) / 60:.1f} min")
-            print(line, flush=True)
-            log.write(line + "\n")
-            log.flush()
-        if time.monotonic() - last_save > args.save_seconds or step == args.steps:
-            wall = time.monotonic() - started
-            save_checkpoint(ckpt, {"vae": vae.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                   "step": step, "wall_seconds": wall})
-            last_save = time.monotonic()
+        progress.report(step, f"rec {rec.item():.4f} kl {kl.item():.3f}")
+        progress.checkpoint(ckpt, step, args.steps, lambda: {
+            "vae": vae.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()})
 
 
 def count(module) -> int:
