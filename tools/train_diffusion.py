@@ -55,8 +55,7 @@ import bundle_io as io  # noqa: E402
 import scenes  # noqa: E402
 import training  # noqa: E402
 
-from diffusers import (EulerDiscreteScheduler, LatentConsistencyModelPipeline, LCMScheduler,  # noqa: E402
-                       UNet2DConditionModel)
+from diffusers import EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 
 SIZE = 64
@@ -111,30 +110,17 @@ def build_text_encoder(arch: str):
 def build_unet(arch: str = "v1") -> UNet2DConditionModel:
     torch.manual_seed(SEED)
     if ARCHS[arch]["latents"] == "vae":
-        return UNet2DConditionModel(
-            sample_size=SIZE // 8,
-            in_channels=VaeLatents.channels,
-            out_channels=VaeLatents.channels,
-            block_out_channels=(56, 112),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=ARCHS[arch]["text_width"],
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
-    return UNet2DConditionModel(
-        sample_size=SIZE // FOLD,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        block_out_channels=(48, 96),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=ARCHS[arch]["text_width"],
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
+        shape = dict(sample_size=VaeLatents.hw, in_channels=VaeLatents.channels, out_channels=VaeLatents.channels,
+                     block_out_channels=(56, 112), norm_num_groups=8,
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    else:
+        shape = dict(sample_size=FoldLatents.hw, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+                     block_out_channels=(48, 96), norm_num_groups=16,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    return UNet2DConditionModel(**shape, layers_per_block=1, cross_attention_dim=ARCHS[arch]["text_width"],
+                                attention_head_dim=8)
 
 
 def fold(pixels: torch.Tensor) -> torch.Tensor:
@@ -565,51 +551,19 @@ REFERENCE_CASES = [
 
 def references(args) -> None:
     """tests/fixtures/bundled/<model>/: the pictures onnxruntime makes from the exported bundle for fixed
-    prompts and seeds, at the manifest's defaults, drawing the initial latents as edgegen does
-    (torch.randn on a generator seeded with the request's seed), with the bundle's Euler scheduler."""
-    import tomllib
-
+    prompts and seeds at the manifest's defaults (tools/quantize.py's OrtBundle: latents drawn as edgegen
+    draws them, the bundle's own scheduler, Euler or LCM)."""
     from PIL import Image
+
+    from quantize import OrtBundle
 
     bundle = Path(args.out)
     dest = ROOT / "tests" / "fixtures" / "bundled" / bundle.name
     io.clean_dir(dest)
-    defaults = tomllib.loads((bundle / "edgegen.toml").read_text())["defaults"]
-    tok = io.load_tokenizer(bundle / "tokenizer")
-    text_encoder = io.ort_session(bundle / "text_encoder" / "model.onnx")
-    unet = io.ort_session(bundle / "unet" / "model.onnx")
-    vae = io.ort_session(bundle / "vae_decoder" / "model.onnx")
-    vae_config = json.loads((bundle / "vae_decoder" / "config.json").read_text())
-    channels = vae_config["latent_channels"]
-    hw = defaults["height"] // 2 ** (len(vae_config["block_out_channels"]) - 1)
-    unet_types = io.onnx_input_types(unet)
-    lcm = "timestep_cond" in unet_types
+    runner = OrtBundle(bundle)
     cases = []
     for prompt, seed in REFERENCE_CASES:
-        ids = np.array([io.tokenize(tok, p) for p in ([prompt] if lcm else ["", prompt])], dtype=np.int32)
-        embeds = text_encoder.run(["last_hidden_state"], {"input_ids": ids})[0]
-        sched = (LCMScheduler if lcm else EulerDiscreteScheduler).from_pretrained(str(bundle / "scheduler"))
-        sched.set_timesteps(defaults["steps"])
-        generator = torch.Generator("cpu").manual_seed(seed)
-        lat = torch.randn(1, channels, hw, hw, generator=generator) * sched.init_noise_sigma
-        extra = {}
-        if lcm:
-            extra["timestep_cond"] = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
-                None, torch.tensor([defaults["guidance"] - 1.0]),
-                embedding_dim=unet_types["timestep_cond"][1][1]).numpy()
-        for t in sched.timesteps:
-            x = sched.scale_model_input(lat if lcm else torch.cat([lat, lat]), t).numpy()
-            out = unet.run(["out_sample"], {"sample": x, "timestep": np.array(float(t), dtype=np.float32),
-                                            "encoder_hidden_states": embeds, **extra})[0]
-            if lcm:
-                lat, denoised = sched.step(torch.from_numpy(out), t, lat, generator=generator, return_dict=False)
-            else:
-                u, c = torch.from_numpy(out).chunk(2)
-                lat = sched.step(u + defaults["guidance"] * (c - u), t, lat).prev_sample
-        final = denoised if lcm else lat
-        z = (final / vae_config["scaling_factor"] + vae_config.get("shift_factor", 0.0)).numpy()
-        pixels = vae.run(["sample"], {"latent_sample": z})[0][0]
-        rgb = (np.clip(pixels / 2 + 0.5, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+        rgb = (runner.generate(prompt, seed) * 255).round().astype(np.uint8)
         png = f"seed{seed}-{'-'.join(prompt.split()[1:3])}.png"
         Image.fromarray(rgb).save(dest / png)
         cases.append({"prompt": prompt, "seed": seed, "png": png})
