@@ -97,20 +97,13 @@ def train(args) -> None:
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     ckpt = run / "ckpt.pt"
-    saved = torch.load(ckpt, weights_only=False) if ckpt.is_file() else None
-    if saved is None:
+    if not ckpt.is_file():
         snapshot_teacher(Path(args.teacher), run / "teacher")
     teacher, te, latents, tstate = load_teacher(run / "teacher")
     student = build_student(teacher).train()
     target = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
-    step, wall = 0, 0.0
-    if saved:
-        student.load_state_dict(saved["student"])
-        target.load_state_dict(saved["target"])
-        opt.load_state_dict(saved["opt"])
-        step, wall = saved["step"], saved["wall_seconds"]
-        print(f"resumed at step {step} ({wall / 60:.1f} min)", flush=True)
+    step, wall, _ = training.resume(ckpt, {"student": student, "target": target, "opt": opt})
     print(f"teacher at step {tstate['step']}", flush=True)
     tokens = td.Tokens()
     empty = te(input_ids=tokens([""])).last_hidden_state

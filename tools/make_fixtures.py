@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+import quantize  # noqa: E402
 from fixtures import broken, gan, pipelines, quantized, randn, schedulers, tokenizer  # noqa: E402
 
 

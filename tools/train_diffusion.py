@@ -278,25 +278,20 @@ def train(args) -> None:
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
-    step, wall = 0, 0.0
     ckpt = run / "ckpt.pt"
-    if not ckpt.is_file() and args.init_unet:
-        warm_start(unet, ema_unet, Path(args.init_unet), "ema_unet")
-    if not ckpt.is_file() and args.init_te:
-        warm_start(te, ema_te, Path(args.init_te), "ema_te")
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        if state.get("arch", "v1") != args.arch:
-            raise SystemExit(f"{ckpt} is arch {state.get('arch', 'v1')}, not --arch {args.arch}")
-        unet.load_state_dict(state["unet"])
-        te.load_state_dict(state["te"])
-        ema_unet.load_state_dict(state["ema_unet"])
-        ema_te.load_state_dict(state["ema_te"])
-        if "opt" in state:  # a slim checkpoint (see `slim`) restarts the optimizer from its defaults
-            opt.load_state_dict(state["opt"])
-        step, wall = state["step"], state["wall_seconds"]
-        print(f"resumed at step {step} ({wall / 60:.1f} min of training so far), weighting {args.weighting}",
-              flush=True)
+        arch = torch.load(ckpt, weights_only=False).get("arch", "v1")
+        if arch != args.arch:
+            raise SystemExit(f"{ckpt} is arch {arch}, not --arch {args.arch}")
+    else:
+        if args.init_unet:
+            warm_start(unet, ema_unet, Path(args.init_unet), "ema_unet")
+        if args.init_te:
+            warm_start(te, ema_te, Path(args.init_te), "ema_te")
+    # a slim checkpoint (see `slim`) has no optimizer state: the optimizer restarts from its defaults
+    step, wall, _ = training.resume(ckpt, {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te,
+                                           "opt": opt}, optional=("opt",))
+    print(f"weighting {args.weighting}", flush=True)
     tokens = Tokens()
     empty = tokens([""])[0]
     ac = alphas_cumprod()

@@ -159,17 +159,8 @@ def train(args) -> None:
     ema = copy.deepcopy(gen).eval()
     opt_g = torch.optim.Adam(gen.parameters(), 2e-4, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), 2e-4, betas=(0.0, 0.9))
-    step, wall = 0, 0.0
     ckpt = run / "ckpt.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        gen.load_state_dict(state["gen"])
-        disc.load_state_dict(state["disc"])
-        ema.load_state_dict(state["ema"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        step, wall = state["step"], state["wall_seconds"]
-        print(f"resumed at step {step} ({wall / 60:.1f} min of training so far)", flush=True)
+    step, wall, _ = training.resume(ckpt, {"gen": gen, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d})
     progress = training.Progress(run, wall, args.save_seconds, every=50)
     while step < args.steps:
         # batch of step `step` depends only on the step: resuming replays the same data order
