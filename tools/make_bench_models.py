@@ -101,6 +101,7 @@ OPENCLIP_VIT_H_TEXT = dict(  # SD 2.x / SD-Turbo text_encoder/config.json (OpenC
 
 # Latent sizes to bench: 512x512 and 256x256 pictures (the VAE scales by 8).
 PICTURES = (512, 256)
+BUNDLED_SD = ("tiny-random-sd", "tiny-random-sd-int8", "scenes-sd", "scenes-sd-int8")
 
 
 @dataclass
@@ -241,14 +242,16 @@ def copy_bundled(relative: str) -> Callable[[Path], int]:
 # --- Shapes and calibration inputs ----------------------------------------------------------------
 
 
-def unet_shapes(hidden: int, pictures=PICTURES) -> list[dict]:
-    return [{"label": f"{p}x{p}", "inputs": {"sample": f"1x4x{p // 8}x{p // 8}", "timestep": "scalar",
+def unet_shapes(hidden: int, pictures=PICTURES, channels: int = 4, factor: int = 8) -> list[dict]:
+    return [{"label": f"{p}x{p}", "inputs": {"sample": f"1x{channels}x{p // factor}x{p // factor}",
+                                             "timestep": "scalar",
                                              "encoder_hidden_states": f"1x{TOKENS}x{hidden}"}}
             for p in pictures]
 
 
-def decoder_shapes(pictures=PICTURES) -> list[dict]:
-    return [{"label": f"{p}x{p}", "inputs": {"latent_sample": f"1x4x{p // 8}x{p // 8}"}} for p in pictures]
+def decoder_shapes(pictures=PICTURES, channels: int = 4, factor: int = 8) -> list[dict]:
+    return [{"label": f"{p}x{p}", "inputs": {"latent_sample": f"1x{channels}x{p // factor}x{p // factor}"}}
+            for p in pictures]
 
 
 def text_shapes(vocab: int, dtype: str) -> list[dict]:
@@ -305,7 +308,7 @@ def catalogue() -> list[Spec]:
         Spec("openclip-vit-h-text", "text_encoder", "OpenCLIP ViT-H/14 text encoder (SD 2.x, 23 layers, 340 M)",
              export_text(OPENCLIP_VIT_H_TEXT), text_shapes(CLIP_VOCAB, "i32"), text_feeds(CLIP_VOCAB), big=True),
     ]
-    specs += [spec for bundle in ("tiny-random-sd", "tiny-random-sd-int8") for spec in bundled_sd(bundle)]
+    specs += [spec for bundle in BUNDLED_SD for spec in bundled_sd(bundle)]
     specs.append(Spec("scenes-gan-generator", "generator", "bundled models/scenes-gan generator",
                       copy_bundled("scenes-gan/generator/model.onnx"),
                       [{"label": "64x64", "inputs": {"z": "1x32", "class_label": "1:i64:48"}}],
@@ -314,15 +317,22 @@ def catalogue() -> list[Spec]:
 
 
 def bundled_sd(bundle: str) -> list[Spec]:
-    """The bundled default models: 64x64 pictures (8x8 latents), the size their manifests default to."""
+    """The bundled diffusion models at 64x64, the size their manifests default to; latent channels, the
+    decoder's upscaling, the text width and the vocabulary come from the bundle's configs."""
+    def config(component: str) -> dict:
+        return json.loads((REPO / "models" / bundle / component / "config.json").read_text())
+
+    unet, vae, text = config("unet"), config("vae_decoder"), config("text_encoder")
+    channels, factor = unet["in_channels"], 2 ** (len(vae["block_out_channels"]) - 1)
     desc = f"bundled models/{bundle}"
     return [
         Spec(f"{bundle}-text", "text_encoder", f"{desc} text encoder", copy_bundled(f"{bundle}/text_encoder/model.onnx"),
-             text_shapes(1000, "i64"), tags=["bundled"]),
+             text_shapes(text["vocab_size"], "i64"), tags=["bundled"]),
         Spec(f"{bundle}-unet", "unet", f"{desc} UNet", copy_bundled(f"{bundle}/unet/model.onnx"),
-             unet_shapes(32, (64,)), tags=["bundled"]),
+             unet_shapes(unet["cross_attention_dim"], (64,), channels, factor), tags=["bundled"]),
         Spec(f"{bundle}-vae-decoder", "vae_decoder", f"{desc} VAE decoder",
-             copy_bundled(f"{bundle}/vae_decoder/model.onnx"), decoder_shapes((64,)), tags=["bundled"]),
+             copy_bundled(f"{bundle}/vae_decoder/model.onnx"), decoder_shapes((64,), channels, factor),
+             tags=["bundled"]),
     ]
 
 
