@@ -83,7 +83,8 @@ def train(args) -> None:
     print(f"parameters: encoder {(count(vae.encoder) + count(vae.quant_conv)) / 1e6:.2f} M, decoder "
           f"{(count(vae.decoder) + count(vae.post_quant_conv)) / 1e6:.2f} M", flush=True)
     progress = training.Progress(run, wall, args.save_seconds)
-    pairs = list(zip(ema.parameters(), vae.parameters()))
+    # a frozen encoder is left out: averaging a tensor with itself only adds rounding drift
+    pairs = [(avg, live) for avg, live in zip(ema.parameters(), vae.parameters()) if live.requires_grad]
     while step < args.steps:
         g = torch.Generator().manual_seed(SEED * 7919 + step)
         x = batch(step * args.batch, args.batch)
