@@ -103,7 +103,7 @@ def train(args) -> None:
     student = build_student(teacher).train()
     target = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
-    step, wall, _ = training.resume(ckpt, {"student": student, "target": target, "opt": opt})
+    step, wall = training.resume(ckpt, {"student": student, "target": target, "opt": opt})
     print(f"teacher at step {tstate['step']}", flush=True)
     tokens = td.Tokens()
     empty = te(input_ids=tokens([""])).last_hidden_state

@@ -289,8 +289,8 @@ def train(args) -> None:
         if args.init_te:
             warm_start(te, ema_te, Path(args.init_te), "ema_te")
     # a slim checkpoint (see `slim`) has no optimizer state: the optimizer restarts from its defaults
-    step, wall, _ = training.resume(ckpt, {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te,
-                                           "opt": opt}, optional=("opt",))
+    step, wall = training.resume(ckpt, {"unet": unet, "te": te, "ema_unet": ema_unet, "ema_te": ema_te,
+                                        "opt": opt}, optional=("opt",))
     print(f"weighting {args.weighting}", flush=True)
     tokens = Tokens()
     empty = tokens([""])[0]

@@ -160,7 +160,7 @@ def train(args) -> None:
     opt_g = torch.optim.Adam(gen.parameters(), 2e-4, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), 2e-4, betas=(0.0, 0.9))
     ckpt = run / "ckpt.pt"
-    step, wall, _ = training.resume(ckpt, {"gen": gen, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d})
+    step, wall = training.resume(ckpt, {"gen": gen, "disc": disc, "ema": ema, "opt_g": opt_g, "opt_d": opt_d})
     progress = training.Progress(run, wall, args.save_seconds, every=50)
     while step < args.steps:
         # batch of step `step` depends only on the step: resuming replays the same data order

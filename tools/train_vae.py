@@ -73,13 +73,13 @@ def train(args) -> None:
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     vae = build_vae().train()
-    if args.init:
+    ckpt = run / "ckpt.pt"
+    if args.init and not ckpt.is_file():
         vae.load_state_dict(torch.load(args.init, weights_only=False)["ema"])
     ema = copy.deepcopy(vae).eval()
     params = trainable(vae, args.decoder_only)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    ckpt = run / "ckpt.pt"
-    step, wall, _ = training.resume(ckpt, {"vae": vae, "ema": ema, "opt": opt})
+    step, wall = training.resume(ckpt, {"vae": vae, "ema": ema, "opt": opt})
     print(f"parameters: encoder {(count(vae.encoder) + count(vae.quant_conv)) / 1e6:.2f} M, decoder "
           f"{(count(vae.decoder) + count(vae.post_quant_conv)) / 1e6:.2f} M", flush=True)
     progress = training.Progress(run, wall, args.save_seconds)

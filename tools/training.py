@@ -59,15 +59,15 @@ class Progress:
         self.last_save = time.monotonic()
 
 
-def resume(path: Path, parts: dict, optional: tuple[str, ...] = ()) -> tuple[int, float, dict | None]:
+def resume(path: Path, parts: dict, optional: tuple[str, ...] = ()) -> tuple[int, float]:
     """Loads each of parts (checkpoint key -> module or optimizer) from the checkpoint at path, if there is
-    one; keys in `optional` may be missing (a slim checkpoint has no optimizer state). Returns step, wall
-    seconds and the whole checkpoint (None for a fresh run)."""
+    one; keys in `optional` may be missing (a slim checkpoint has no optimizer state). Returns the step and
+    the wall seconds trained so far (0, 0.0 for a fresh run)."""
     if not path.is_file():
-        return 0, 0.0, None
+        return 0, 0.0
     state = torch.load(path, weights_only=False)
     for key, part in parts.items():
         if key in state or key not in optional:
             part.load_state_dict(state[key])
     print(f"resumed at step {state['step']} ({state['wall_seconds'] / 60:.1f} min of training so far)", flush=True)
-    return state["step"], state["wall_seconds"], state
+    return state["step"], state["wall_seconds"]
