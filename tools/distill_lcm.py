@@ -15,6 +15,7 @@ CPU, seeded, checkpoints to <run>/ckpt.pt and resumes:
 
     nohup /work/venv/bin/python tools/distill_lcm.py train --teacher /work/train/diffusion3 --run /work/train/lcm3 &
     /work/venv/bin/python tools/distill_lcm.py eval --run /work/train/lcm3          # checker, 1/2/4/8 steps
+    /work/venv/bin/python tools/distill_lcm.py eval --run /work/train/lcm3 --snapshot 2500 --step-counts 4
     /work/venv/bin/python tools/distill_lcm.py export --run /work/train/lcm3 --out models/scenes-sd
 """
 
@@ -39,6 +40,7 @@ COND_DIM = 64
 SOLVER_STEPS = 50  # = LCMScheduler's original_inference_steps
 W_MIN, W_MAX = 1.0, 5.0  # w = guidance scale - 1
 TARGET_EMA = 0.95
+AVERAGE_EMA = 0.999  # the weights evaluated and exported: the online student wanders at a useful lr
 HUBER_C = 0.001
 SEED = 31
 
@@ -102,8 +104,9 @@ def train(args) -> None:
     teacher, te, latents, tstate = load_teacher(run / "teacher")
     student = build_student(teacher).train()
     target = copy.deepcopy(student).eval().requires_grad_(False)
+    average = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
-    step, wall = training.resume(ckpt, {"student": student, "target": target, "opt": opt})
+    step, wall = training.resume(ckpt, {"student": student, "target": target, "average": average, "opt": opt})
     print(f"teacher at step {tstate['step']}", flush=True)
     tokens = td.Tokens()
     empty = te(input_ids=tokens([""])).last_hidden_state
@@ -112,6 +115,7 @@ def train(args) -> None:
     grid = torch.arange(1, SOLVER_STEPS + 1) * k - 1  # 19, 39, ..., 999
     progress = training.Progress(run, wall, args.save_seconds)
     pairs = list(zip(target.parameters(), student.parameters()))
+    average_pairs = list(zip(average.parameters(), student.parameters()))
     while step < args.steps:
         g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
         pixels, texts = td.batch_at(10_000_000 + step, args.batch)
@@ -143,10 +147,14 @@ def train(args) -> None:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         training.ema_update(pairs, TARGET_EMA)
+        training.ema_update(average_pairs, AVERAGE_EMA)
         step += 1
         progress.report(step, f"loss {loss.item():.5f}")
+        if step % args.snapshot_every == 0:
+            training.save_checkpoint(run / f"average_{step:06d}.pt", {"step": step, "average": average.state_dict()})
         progress.checkpoint(ckpt, step, args.steps, lambda: {
-            "student": student.state_dict(), "target": target.state_dict(), "opt": opt.state_dict()})
+            "student": student.state_dict(), "target": target.state_dict(), "average": average.state_dict(),
+            "opt": opt.state_dict()})
 
 
 def snapshot_teacher(source: Path, dest: Path) -> None:
@@ -158,12 +166,15 @@ def snapshot_teacher(source: Path, dest: Path) -> None:
     print(f"teacher: {source} at step {state['step']}", flush=True)
 
 
-def load_student(run: Path):
-    state = torch.load(run / "ckpt.pt", weights_only=False)
+def load_student(run: Path, snapshot: int | None = None):
+    """The averaged student of <run>/ckpt.pt, or of the snapshot <run>/average_<step>.pt (runs from before the
+    average existed: the target student)."""
+    name = f"average_{snapshot:06d}.pt" if snapshot is not None else "ckpt.pt"
+    state = torch.load(run / name, weights_only=False)
     teacher, te, latents, tstate = load_teacher(run / "teacher")
     state["teacher_step"] = tstate["step"]
     student = build_student(teacher)
-    student.load_state_dict(state["target"])
+    student.load_state_dict(state["average"] if "average" in state else state["target"])
     return student.eval(), te, latents, state
 
 
@@ -190,7 +201,7 @@ def sample(models, tokens, texts: list[str], steps: int, guidance: float, seed: 
 
 def evaluate(args) -> None:
     torch.set_num_threads(args.threads)
-    *models, state = load_student(Path(args.run))
+    *models, state = load_student(Path(args.run), args.snapshot)
     tokens = td.Tokens()
     td.score(lambda texts, steps, seed: sample(models, tokens, texts, steps, args.guidance, seed),
              Path(args.run), state["step"], args)
@@ -198,7 +209,7 @@ def evaluate(args) -> None:
 
 def export(args) -> None:
     td.io.setup_torch()
-    student, te, latents, state = load_student(Path(args.run))
+    student, te, latents, state = load_student(Path(args.run), args.snapshot)
     trained_by = (f"tools/train_diffusion.py, {state['teacher_step']} steps, then LCM-distilled by tools/distill_lcm.py, "
                   f"{state['step']} steps")
     td.write_bundle(Path(args.out), (student, te, latents), scheduler=lcm_scheduler(),
@@ -218,6 +229,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--step-counts", default="1,2,4,8")
     p.add_argument("--out", default="models/scenes-sd")
+    p.add_argument("--snapshot-every", type=int, default=500, help="train: keep the averaged student every N steps")
+    p.add_argument("--snapshot", type=int, help="eval/export: the averaged student kept at this step")
     args = p.parse_args()
     {"train": train, "eval": evaluate, "export": export}[args.command](args)
 
