@@ -55,7 +55,7 @@ import bundle_io as io  # noqa: E402
 import scenes  # noqa: E402
 import training  # noqa: E402
 
-from diffusers import EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 
 SIZE = 64
@@ -351,12 +351,21 @@ def scheduler_config() -> dict:
                 interpolation_type="linear", use_karras_sigmas=False)
 
 
+SAMPLERS = {
+    "euler": lambda: EulerDiscreteScheduler(**scheduler_config()),
+    "dpm++2m": lambda: DPMSolverMultistepScheduler(
+        **{k: v for k, v in scheduler_config().items() if k != "interpolation_type"},
+        algorithm_type="dpmsolver++", solver_order=2),
+}
+
+
 @torch.no_grad()
-def sample(models, tokens, texts: list[str], steps: int, guidance: float, seed: int) -> np.ndarray:
+def sample(models, tokens, texts: list[str], steps: int, guidance: float, seed: int,
+           sampler: str = "euler") -> np.ndarray:
     """Pictures [N, 64, 64, 3] uint8, one per caption; caption i uses seed + i (as a batch-1 request would).
-    models: (unet, text encoder, latents)."""
+    models: (unet, text encoder, latents); sampler: "euler" (the bundle's) or "dpm++2m"."""
     unet, te, latents = models
-    sched = EulerDiscreteScheduler(**scheduler_config())
+    sched = SAMPLERS[sampler]()
     cond = te(input_ids=tokens(texts)).last_hidden_state
     uncond = te(input_ids=tokens([""])).last_hidden_state.expand_as(cond)
     lat = torch.cat([torch.randn(1, latents.channels, latents.hw, latents.hw,
@@ -391,7 +400,7 @@ def evaluate(args) -> None:
     torch.set_num_threads(args.threads)
     *models, state = load_models(Path(args.run))
     tokens = Tokens()
-    score(lambda texts, steps, seed: sample(models, tokens, texts, steps, args.guidance, seed),
+    score(lambda texts, steps, seed: sample(models, tokens, texts, steps, args.guidance, seed, args.sampler),
           Path(args.run), state["step"], args)
 
 
@@ -404,16 +413,18 @@ def score(sampler, run: Path, step: int, args) -> dict:
     prompts = scenes.load_heldout()["eval_prompts"]
     rng = random.Random(99)
     train_prompts = [scenes.caption(scenes.sample_scene(rng, "train")) for _ in range(len(prompts))]
-    results = {"step": step, "guidance": args.guidance}
+    scheduler = getattr(args, "sampler", None)
+    suffix = "" if scheduler in (None, "euler") else f"_{scheduler}"
+    results = {"step": step, "guidance": args.guidance, "sampler": scheduler}
     for steps in [int(s) for s in args.step_counts.split(",")]:
         for name, texts in (("heldout", prompts), ("train_distribution", train_prompts)):
             pics = np.concatenate([sampler(texts[i:i + 16], steps, 1000 + i) for i in range(0, len(texts), 16)])
             rows = [check_scenes.check(p, t) for p, t in zip(pics, texts)]
             results[f"{name}_steps{steps}"] = summarise(rows, texts)
             if steps == 4 and name == "heldout":
-                save_grid(pics[:32], run / f"eval_grid_{step:06d}.png")
+                save_grid(pics[:32], run / f"eval_grid_{step:06d}{suffix}.png")
             print(name, steps, json.dumps(results[f"{name}_steps{steps}"]), flush=True)
-    (run / f"eval_{step:06d}.json").write_text(json.dumps(results, indent=1))
+    (run / f"eval_{step:06d}{suffix}.json").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -624,6 +635,7 @@ def main() -> None:
     p.add_argument("--out", default="models/scenes-sd")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--step-counts", default="1,2,4,8")
+    p.add_argument("--sampler", default="euler", choices=list(SAMPLERS), help="eval: the scheduler")
     p.add_argument("--default-steps", type=int, default=8,
                    help="export: the manifest's steps (Euler, undistilled: 8 is clearly better than 4)")
     args = p.parse_args()
