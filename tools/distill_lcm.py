@@ -230,6 +230,8 @@ def main() -> None:
     p.add_argument("--step-counts", default="1,2,4,8")
     p.add_argument("--out", default="models/scenes-sd")
     p.add_argument("--snapshot-every", type=int, default=500, help="train: keep the averaged student every N steps")
+    p.add_argument("--validation", action="store_true",
+                   help="eval: 480 other training-distribution captions instead of the held-out set")
     p.add_argument("--snapshot", type=int, help="eval/export: the averaged student kept at this step")
     args = p.parse_args()
     {"train": train, "eval": evaluate, "export": export}[args.command](args)

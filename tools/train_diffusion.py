@@ -407,18 +407,19 @@ def evaluate(args) -> None:
 def score(sampler, run: Path, step: int, args) -> dict:
     """The checker over the 240 held-out prompts and 240 training-distribution captions at each of
     args.step_counts; sampler(texts, steps, seed) -> uint8 pictures. Writes <run>/eval_<step>.json and the
-    4-step held-out grid."""
+    4-step held-out grid. With args.validation, 480 other training-distribution captions and seeds instead,
+    for choosing a checkpoint or a setting without looking at the held-out prompts."""
     import check_scenes
 
-    prompts = scenes.load_heldout()["eval_prompts"]
-    rng = random.Random(99)
-    train_prompts = [scenes.caption(scenes.sample_scene(rng, "train")) for _ in range(len(prompts))]
+    sets = evaluation_sets(getattr(args, "validation", False))
     scheduler = getattr(args, "sampler", None)
     suffix = "" if scheduler in (None, "euler") else f"_{scheduler}"
+    suffix += "" if args.guidance == 3.0 else f"_g{args.guidance:g}"
+    suffix += "_validation" if "validation" in sets else ""
     results = {"step": step, "guidance": args.guidance, "sampler": scheduler}
     for steps in [int(s) for s in args.step_counts.split(",")]:
-        for name, texts in (("heldout", prompts), ("train_distribution", train_prompts)):
-            pics = np.concatenate([sampler(texts[i:i + 16], steps, 1000 + i) for i in range(0, len(texts), 16)])
+        for name, (texts, seed) in sets.items():
+            pics = np.concatenate([sampler(texts[i:i + 16], steps, seed + i) for i in range(0, len(texts), 16)])
             rows = [check_scenes.check(p, t) for p, t in zip(pics, texts)]
             results[f"{name}_steps{steps}"] = summarise(rows, texts)
             if steps == 4 and name == "heldout":
@@ -426,6 +427,17 @@ def score(sampler, run: Path, step: int, args) -> dict:
             print(name, steps, json.dumps(results[f"{name}_steps{steps}"]), flush=True)
     (run / f"eval_{step:06d}{suffix}.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def evaluation_sets(validation: bool) -> dict[str, tuple[list[str], int]]:
+    """name -> (captions, seed of the first)."""
+    if validation:
+        rng = random.Random(7)
+        return {"validation": ([scenes.caption(scenes.sample_scene(rng, "train")) for _ in range(480)], 50_000)}
+    prompts = scenes.load_heldout()["eval_prompts"]
+    rng = random.Random(99)
+    train_prompts = [scenes.caption(scenes.sample_scene(rng, "train")) for _ in range(len(prompts))]
+    return {"heldout": (prompts, 1000), "train_distribution": (train_prompts, 1000)}
 
 
 def probe(args) -> None:
@@ -636,6 +648,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--step-counts", default="1,2,4,8")
     p.add_argument("--sampler", default="euler", choices=list(SAMPLERS), help="eval: the scheduler")
+    p.add_argument("--validation", action="store_true",
+                   help="eval: 480 other training-distribution captions instead of the held-out set")
     p.add_argument("--default-steps", type=int, default=8,
                    help="export: the manifest's steps (Euler, undistilled: 8 is clearly better than 4)")
     args = p.parse_args()
