@@ -249,6 +249,14 @@ def unet_shapes(hidden: int, pictures=PICTURES, channels: int = 4, factor: int =
             for p in pictures]
 
 
+def with_guidance_input(shapes: list[dict], cond_dim: int | None) -> list[dict]:
+    """An LCM-distilled UNet (time_cond_proj_dim set) takes the guidance embedding as `timestep_cond`."""
+    if cond_dim:
+        for shape in shapes:
+            shape["inputs"]["timestep_cond"] = f"1x{cond_dim}"
+    return shapes
+
+
 def decoder_shapes(pictures=PICTURES, channels: int = 4, factor: int = 8) -> list[dict]:
     return [{"label": f"{p}x{p}", "inputs": {"latent_sample": f"1x{channels}x{p // factor}x{p // factor}"}}
             for p in pictures]
@@ -329,7 +337,8 @@ def bundled_sd(bundle: str) -> list[Spec]:
         Spec(f"{bundle}-text", "text_encoder", f"{desc} text encoder", copy_bundled(f"{bundle}/text_encoder/model.onnx"),
              text_shapes(text["vocab_size"], "i64"), tags=["bundled"]),
         Spec(f"{bundle}-unet", "unet", f"{desc} UNet", copy_bundled(f"{bundle}/unet/model.onnx"),
-             unet_shapes(unet["cross_attention_dim"], (64,), channels, factor), tags=["bundled"]),
+             with_guidance_input(unet_shapes(unet["cross_attention_dim"], (64,), channels, factor),
+                                 unet.get("time_cond_proj_dim")), tags=["bundled"]),
         Spec(f"{bundle}-vae-decoder", "vae_decoder", f"{desc} VAE decoder",
              copy_bundled(f"{bundle}/vae_decoder/model.onnx"), decoder_shapes((64,), channels, factor),
              tags=["bundled"]),
