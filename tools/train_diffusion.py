@@ -429,6 +429,11 @@ def score(sampler, run: Path, step: int, args) -> dict:
     return results
 
 
+def add_validation_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--validation", action="store_true",
+                   help="eval: 480 other training-distribution captions instead of the held-out set")
+
+
 def evaluation_sets(validation: bool) -> dict[str, tuple[list[str], int]]:
     """name -> (captions, seed of the first)."""
     if validation:
@@ -648,8 +653,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--step-counts", default="1,2,4,8")
     p.add_argument("--sampler", default="euler", choices=list(SAMPLERS), help="eval: the scheduler")
-    p.add_argument("--validation", action="store_true",
-                   help="eval: 480 other training-distribution captions instead of the held-out set")
+    add_validation_argument(p)
     p.add_argument("--default-steps", type=int, default=8,
                    help="export: the manifest's steps (Euler, undistilled: 8 is clearly better than 4)")
     args = p.parse_args()
