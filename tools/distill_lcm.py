@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 from pathlib import Path
@@ -145,6 +146,9 @@ def train(args) -> None:
             x_prev = a_prev.sqrt() * x0_g + (1 - a_prev).sqrt() * eps_g
             want = consistency(target, x_prev, t_prev, a_prev, cond, w_emb)
         loss = (((pred - want) ** 2 + HUBER_C**2).sqrt() - HUBER_C).mean()
+        if args.cosine:
+            for group in opt.param_groups:
+                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -227,6 +231,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--cosine", action="store_true", help="train: the learning rate decays to 0 at --steps (cosine)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-seconds", type=float, default=180.0)
     p.add_argument("--guidance", type=float, default=3.0)
