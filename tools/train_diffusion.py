@@ -411,7 +411,7 @@ def score(sampler, run: Path, step: int, args) -> dict:
     for choosing a checkpoint or a setting without looking at the held-out prompts."""
     import check_scenes
 
-    sets = evaluation_sets(getattr(args, "validation", False))
+    sets = evaluation_sets(args.validation)
     scheduler = getattr(args, "sampler", None)
     suffix = "" if scheduler in (None, "euler") else f"_{scheduler}"
     suffix += "" if args.guidance == 3.0 else f"_g{args.guidance:g}"
