@@ -18,6 +18,7 @@ mod attention;
 mod cache;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod fold;
 pub mod kernels;
 mod quant;
 
@@ -689,7 +690,9 @@ impl OnnxModel {
 /// tract's codegen pass. The graph is decluttered already (built so, or saved
 /// so in the compile cache), which is the other half of `into_optimized`.
 fn codegen(mut typed: TypedModel) -> Result<TypedModel> {
-    typed.optimize().map_err(|e| anyhow!("{e:#}"))?;
+    typed
+        .optimize_with_session(&mut fold::codegen_optimizer().session())
+        .map_err(|e| anyhow!("{e:#}"))?;
     Ok(typed)
 }
 
