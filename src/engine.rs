@@ -20,6 +20,7 @@ mod cache;
 mod cuda;
 mod fold;
 pub mod kernels;
+mod packed;
 mod quant;
 
 pub use quant::F16Mode;
@@ -599,7 +600,11 @@ impl OnnxModel {
                 self.path.display()
             )
         };
-        let mut typed = self.decluttered(shapes).with_context(context)?;
+        let key = PlanKey {
+            shapes: shapes.to_vec(),
+            upcast_f16: self.upcast_f16,
+        };
+        let (mut typed, weights) = self.decluttered(&key).with_context(context)?;
         #[cfg(feature = "cuda")]
         if let Some(plan) = cuda::prepare(&typed).with_context(context)? {
             return Ok(plan);
@@ -615,7 +620,24 @@ impl OnnxModel {
                 );
             }
         }
-        let optimized = codegen(typed).with_context(context)?;
+        let mapped = matches!(weights, fold::Weights::Mapped { .. });
+        let weights = Arc::new(Mutex::new(weights));
+        let optimized = match codegen(typed, &weights) {
+            Ok(optimized) => optimized,
+            Err(err) if mapped => {
+                log::warn!(
+                    "{}: the saved packed weights do not fit the plan ({err:#}); packing again",
+                    self.path.display()
+                );
+                drop(weights);
+                if let Some(cached) = &self.cached {
+                    cached.forget_packed(&key);
+                }
+                return self.optimize(shapes);
+            }
+            Err(err) => return Err(err).with_context(context),
+        };
+        self.save_packed(&key, &weights);
         let runnable = optimized
             .into_runnable()
             .map_err(|e| anyhow!("{e:#}"))
@@ -623,15 +645,40 @@ impl OnnxModel {
         Ok(runnable)
     }
 
-    /// The typed, decluttered graph for these shapes: from the compile cache
-    /// when it has it, else built from the ONNX graph (and then saved there).
-    fn decluttered(&self, shapes: &[Vec<usize>]) -> Result<TypedModel> {
-        let key = PlanKey {
-            shapes: shapes.to_vec(),
-            upcast_f16: self.upcast_f16,
+    /// Saves what codegen packed of a graph read back from the compile cache.
+    fn save_packed(&self, key: &PlanKey, weights: &Mutex<fold::Weights>) {
+        let (Some(cached), Ok(mut weights)) = (&self.cached, weights.lock()) else {
+            return;
         };
+        let fold::Weights::Record { packed, .. } = &mut *weights else {
+            return;
+        };
+        if packed.is_empty() {
+            return;
+        }
         let started = std::time::Instant::now();
-        if let Some(mut typed) = self.cached.as_ref().and_then(|c| c.load(&key)) {
+        match cached.store_packed(key, packed) {
+            Ok(()) => log::debug!(
+                "{}: {} packed weights saved in {:.2?}",
+                self.path.display(),
+                packed.len(),
+                started.elapsed()
+            ),
+            Err(err) => log::info!(
+                "compile cache: could not save the packed weights of {}: {err:#}",
+                self.path.display()
+            ),
+        }
+        packed.clear();
+    }
+
+    /// The typed, decluttered graph for this key: from the compile cache
+    /// when it has it, else built from the ONNX graph (and then saved there).
+    fn decluttered(&self, key: &PlanKey) -> Result<(TypedModel, fold::Weights)> {
+        let shapes = &key.shapes;
+        let started = std::time::Instant::now();
+        if let Some(loaded) = self.cached.as_ref().and_then(|c| c.load(key)) {
+            let mut typed = loaded.model;
             // Reading NNEF back wires some axis moves apart; declutter folds them again.
             typed.declutter().map_err(|e| anyhow!("{e:#}"))?;
             log::debug!(
@@ -639,19 +686,19 @@ impl OnnxModel {
                 self.path.display(),
                 started.elapsed()
             );
-            return Ok(typed);
+            return Ok((typed, loaded.weights));
         }
         let typed = self.build_typed(shapes)?;
         log::debug!("typed and decluttered in {:.2?}", started.elapsed());
         if let Some(cached) = &self.cached {
-            if let Err(err) = cached.store(&key, &typed) {
+            if let Err(err) = cached.store(key, &typed) {
                 log::info!(
                     "compile cache: could not save {} for shapes {shapes:?}: {err:#}",
                     self.path.display()
                 );
             }
         }
-        Ok(typed)
+        Ok((typed, fold::Weights::Anonymous))
     }
 
     fn build_typed(&self, shapes: &[Vec<usize>]) -> Result<TypedModel> {
@@ -689,9 +736,14 @@ impl OnnxModel {
 
 /// tract's codegen pass. The graph is decluttered already (built so, or saved
 /// so in the compile cache), which is the other half of `into_optimized`.
-fn codegen(mut typed: TypedModel) -> Result<TypedModel> {
+fn codegen(mut typed: TypedModel, weights: &Arc<Mutex<fold::Weights>>) -> Result<TypedModel> {
     typed
-        .optimize_with_session(&mut fold::codegen_optimizer().session())
+        .optimize_with_session(&mut fold::codegen_optimizer(weights.clone()).session())
+        .map_err(|e| anyhow!("{e:#}"))?;
+    weights
+        .lock()
+        .map_err(|_| anyhow!("weights lock poisoned"))?
+        .check_complete()
         .map_err(|e| anyhow!("{e:#}"))?;
     Ok(typed)
 }

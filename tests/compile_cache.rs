@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use common::{fixtures, named_inputs, read_json};
@@ -58,6 +59,10 @@ fn run(model: &OnnxModel, inputs: &Value) -> Vec<ArrayD<f32>> {
 }
 
 fn plan_files(cache: &Path) -> Vec<PathBuf> {
+    cache_files(cache, ".nnef.tar")
+}
+
+fn cache_files(cache: &Path, suffix: &str) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for entry in fs::read_dir(cache).unwrap() {
         let dir = entry.unwrap().path();
@@ -66,7 +71,7 @@ fn plan_files(cache: &Path) -> Vec<PathBuf> {
         }
         for file in fs::read_dir(&dir).unwrap() {
             let file = file.unwrap().path();
-            if file.to_string_lossy().ends_with(".nnef.tar") {
+            if file.to_string_lossy().ends_with(suffix) {
                 files.push(file);
             }
         }
@@ -76,6 +81,7 @@ fn plan_files(cache: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn warm_start_is_the_cold_start_bit_for_bit() {
+    let mut mapped_starts = 0;
     for (path, inputs) in cases() {
         let cache = tempfile::tempdir().unwrap();
         let uncached = open(&path, None);
@@ -120,7 +126,39 @@ fn warm_start_is_the_cold_start_bit_for_bit() {
             "{}: warm plan has more nodes: {warm_ops:?} against {cold_ops:?}",
             path.display()
         );
+
+        // The first warm start saved the packed weights; this one maps them.
+        let Some(skeleton) = cache_files(cache.path(), ".skeleton.tar").pop() else {
+            continue;
+        };
+        mapped_starts += 1;
+        let saved_as = fs::metadata(&skeleton).unwrap().ino();
+        let mapped = open(&path, Some(cache.path()));
+        assert_eq!(mapped.cache_use(), CacheUse::Warm, "{}", path.display());
+        assert_eq!(
+            run(&mapped, &inputs),
+            expected,
+            "{}: mapped",
+            path.display()
+        );
+        assert_eq!(
+            compute_ops(&mapped.plan_op_counts().unwrap()),
+            compute_ops(&warm_ops),
+            "{}: mapped plan computes differently",
+            path.display()
+        );
+        // A start that finds the packed weights unusable packs and saves them again.
+        assert_eq!(
+            fs::metadata(&skeleton).unwrap().ino(),
+            saved_as,
+            "{}: the mapped start did not use its packed weights",
+            path.display()
+        );
     }
+    assert!(
+        mapped_starts >= 4,
+        "only {mapped_starts} graphs had packed weights saved"
+    );
 }
 
 /// The plan without its data-movement nodes. Reading the graph back from NNEF
@@ -255,4 +293,43 @@ fn an_unusable_cache_directory_only_costs_the_cache() {
     let model = open(&path, Some(&not_a_dir));
     assert_eq!(model.cache_use(), CacheUse::Off);
     assert_eq!(run(&model, &inputs), run(&open(&path, None), &inputs));
+}
+
+/// Packed weights that do not fit (a cut file, an index naming another
+/// packing) are dropped and packed again; the outputs never change.
+#[test]
+fn unusable_packed_weights_are_packed_again() {
+    let references = read_json(&fixtures().join("references/components-tiny-sd.json"));
+    let path = fixtures().join("bundles/tiny-sd/unet/model.onnx");
+    let inputs = references["unet"]["inputs"].clone();
+    let cache = tempfile::tempdir().unwrap();
+    let expected = run(&open(&path, Some(cache.path())), &inputs);
+    run(&open(&path, Some(cache.path())), &inputs);
+    let skeleton = cache_files(cache.path(), ".skeleton.tar").remove(0);
+    let packed = cache_files(cache.path(), ".packed").remove(0);
+    let index = cache_files(cache.path(), ".packed.json").remove(0);
+
+    let damages: [(&str, &dyn Fn()); 2] = [
+        ("cut", &|| {
+            let bytes = fs::read(&packed).unwrap();
+            fs::write(&packed, &bytes[..bytes.len() / 2]).unwrap();
+        }),
+        ("other format", &|| {
+            let text = fs::read_to_string(&index).unwrap();
+            fs::write(&index, text.replace("\"format\":\"", "\"format\":\"other ")).unwrap();
+        }),
+    ];
+    for (damage, apply) in damages {
+        apply();
+        let before = fs::metadata(&skeleton).unwrap().ino();
+        let warm = open(&path, Some(cache.path()));
+        assert_eq!(run(&warm, &inputs), expected, "{damage}");
+        assert_ne!(
+            fs::metadata(&skeleton).unwrap().ino(),
+            before,
+            "{damage}: packed weights not saved again"
+        );
+        let mapped = open(&path, Some(cache.path()));
+        assert_eq!(run(&mapped, &inputs), expected, "{damage}: mapped again");
+    }
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compile cache: load + optimize time without the cache, with a cold cache and
-# twice with the warm one, one thread, one process each, for the bench models of
+# Compile cache: load + optimize time without the cache, with a cold cache, then
+# three warm starts (the first of them saves the packed weights, the next two
+# map them), one thread, one process each, for the bench models of
 # tools/make_bench_models.py. Prints one line per start; docs/benchmarks.md has
 # the table.
 #
@@ -17,16 +18,16 @@ starts() { # label model input...
     shift 2
     local inputs=()
     for input in "$@"; do inputs+=(--input "$input"); done
-    for start in off cold warm warm; do
+    for start in off cold warm-packing warm-mapped warm-mapped; do
         local cache=()
         [[ $start == off ]] || cache=(--cache-dir "$caches/$label")
         "$edgegen" bench --onnx "$models/$model/model.onnx" "${inputs[@]}" --threads 1 --runs 1 \
             "${cache[@]}" --json 2>/dev/null | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
-print(sys.argv[1], r["cache"], "load", round(r["load_ms"]), "optimize", round(r["optimize_ms"]),
+print(sys.argv[1], sys.argv[2], "load", round(r["load_ms"]), "optimize", round(r["optimize_ms"]),
       "sum", round(r["load_ms"] + r["optimize_ms"]), "run", round(r["median_ms"]),
-      "peak_MB", round(r["peak_rss_bytes"] / 2**20))' "$label"
+      "peak_MB", round(r["peak_rss_bytes"] / 2**20))' "$label" "$start"
     done
     du -sh "$caches/$label" | sed "s|^|$label cache entry |"
 }

@@ -13,6 +13,11 @@
 //! - `<model hash>/meta.json`: inputs, outputs and quantization summary.
 //! - `<model hash>/<plan key>.nnef.tar`: one graph per input-shape set; the key
 //!   also covers the tract and edgegen versions, float16 handling and the CPU.
+//! - `<plan key>.packed`, `.packed.json`, `.skeleton.tar`: written by the first
+//!   start that reads the graph back. The packed file holds the large weights
+//!   in the layout this CPU's kernels read (see `packed`); the skeleton is the
+//!   same graph with those weights replaced by stand-ins of their shape, so
+//!   later starts neither read nor pack them.
 
 use std::fs;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -23,11 +28,15 @@ use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tract_extra::WithTractExtra;
+use tract_nnef::ast::Identifier;
 use tract_nnef::framework::Nnef;
+use tract_nnef::resource::{resource_path_to_id, Resource, ResourceLoader};
 use tract_onnx::prelude::*;
 use tract_onnx::WithOnnx;
 use tract_transformers::WithTractTransformers;
 
+use super::fold::{self, WeightNames, Weights};
+use super::packed::{self, MappedWeights, PackedIndex, PackedWeight};
 use super::{GraphSummary, TensorSpec};
 use crate::file_stamp::FileStamp;
 
@@ -142,26 +151,54 @@ impl PlanCache {
     }
 }
 
+/// A saved graph read back, with what the codegen pass needs to know of its weights.
+pub struct Loaded {
+    pub model: TypedModel,
+    pub weights: Weights,
+}
+
+/// The files of one plan key.
+struct PlanFiles {
+    graph: PathBuf,
+    skeleton: PathBuf,
+    packed: PathBuf,
+    index: PathBuf,
+}
+
 impl CachedModel {
-    /// The saved graph for this plan key, if there is one that loads.
-    pub fn load(&self, key: &PlanKey) -> Option<TypedModel> {
-        let path = self.plan_path(key);
-        let file = fs::File::open(&path).ok()?;
-        match nnef().model_for_read(&mut BufReader::new(file)) {
-            Ok(model) => Some(model),
+    /// The saved graph for this plan key, if there is one that loads: with its
+    /// packed weights mapped when they were saved, else whole.
+    pub fn load(&self, key: &PlanKey) -> Option<Loaded> {
+        let files = self.files(key);
+        if files.skeleton.is_file() {
+            match load_mapped(&files) {
+                Ok(loaded) => return Some(loaded),
+                Err(err) => {
+                    log::warn!(
+                        "compile cache: {} does not load ({err:#}); reading the whole graph",
+                        files.skeleton.display()
+                    );
+                    self.forget_packed(key);
+                }
+            }
+        }
+        match load_whole(&files.graph) {
+            Ok(loaded) => Some(loaded),
             Err(err) => {
-                log::warn!(
-                    "compile cache: {} does not load ({err:#}); rebuilding it",
-                    path.display()
-                );
-                let _ = fs::remove_file(&path);
+                if files.graph.exists() {
+                    log::warn!(
+                        "compile cache: {} does not load ({err:#}); rebuilding it",
+                        files.graph.display()
+                    );
+                    let _ = fs::remove_file(&files.graph);
+                }
                 None
             }
         }
     }
 
     pub fn store(&self, key: &PlanKey, model: &TypedModel) -> Result<()> {
-        write_atomically(&self.plan_path(key), |w| {
+        write_atomically(&self.files(key).graph, |w| {
             nnef()
                 .write_to_tar(model, w)
                 .map(|_| ())
@@ -169,9 +206,173 @@ impl CachedModel {
         })
     }
 
-    fn plan_path(&self, key: &PlanKey) -> PathBuf {
-        self.dir
-            .join(format!("{}.nnef.tar", key.digest(&self.hash)))
+    /// Saves the packed weights of a plan built from the saved graph, and the
+    /// skeleton graph that refers to them. The skeleton goes last: it is what
+    /// a start looks for.
+    pub fn store_packed(&self, key: &PlanKey, weights: &[PackedWeight]) -> Result<()> {
+        let files = self.files(key);
+        let mut index = PackedIndex::new();
+        write_atomically(&files.packed, |w| {
+            index = packed::write(w, weights)?;
+            Ok(())
+        })?;
+        write_atomically(&files.index, |w| {
+            serde_json::to_writer(w, &index).map_err(anyhow::Error::from)
+        })?;
+        write_atomically(&files.skeleton, |w| write_skeleton(&files.graph, &index, w))
+    }
+
+    /// Drops the packed weights and skeleton of a plan key (the whole graph stays).
+    pub fn forget_packed(&self, key: &PlanKey) {
+        let files = self.files(key);
+        for path in [&files.skeleton, &files.index, &files.packed] {
+            if let Err(err) = fs::remove_file(path) {
+                if err.kind() != std::io::ErrorKind::NotFound {
+                    log::debug!("compile cache: removing {}: {err}", path.display());
+                }
+            }
+        }
+    }
+
+    fn files(&self, key: &PlanKey) -> PlanFiles {
+        let stem = self.dir.join(key.digest(&self.hash));
+        let with = |suffix: &str| {
+            let mut name = stem.clone().into_os_string();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        PlanFiles {
+            graph: with(".nnef.tar"),
+            skeleton: with(".skeleton.tar"),
+            packed: with(".packed"),
+            index: with(".packed.json"),
+        }
+    }
+}
+
+/// The whole saved graph, its large float32 weights known by their labels.
+fn load_whole(path: &Path) -> Result<Loaded> {
+    let file = fs::File::open(path)?;
+    let nnef = nnef();
+    let proto = nnef
+        .proto_model_for_read(&mut BufReader::new(file))
+        .map_err(|e| anyhow!("{e:#}"))?;
+    let mut labels = WeightNames::default();
+    for (label, tensor) in &proto.tensors {
+        if tensor.datum_type() == f32::datum_type() && fold::is_large_weight(tensor) {
+            labels.insert(tensor, (label.0.clone(), tensor.shape().to_vec()));
+        }
+    }
+    let model = nnef
+        .model_for_proto_model(&proto)
+        .map_err(|e| anyhow!("{e:#}"))?;
+    Ok(Loaded {
+        model,
+        weights: Weights::Record {
+            labels,
+            packed: vec![],
+        },
+    })
+}
+
+/// The skeleton graph, with its stand-ins to be replaced by the mapped weights.
+fn load_mapped(files: &PlanFiles) -> Result<Loaded> {
+    let index: PackedIndex = read_json(&files.index)?;
+    let weights = MappedWeights::open(&files.packed, index)?;
+    let file = fs::File::open(&files.skeleton)?;
+    let nnef = nnef();
+    let proto = nnef
+        .proto_model_for_read(&mut BufReader::new(file))
+        .map_err(|e| anyhow!("{e:#}"))?;
+    let mut standins = WeightNames::default();
+    for label in weights.labels() {
+        let tensor = proto
+            .tensors
+            .get(&Identifier(label.clone()))
+            .with_context(|| format!("the skeleton has no weight {label}"))?;
+        standins.insert(tensor, label.clone());
+    }
+    let model = nnef
+        .model_for_proto_model(&proto)
+        .map_err(|e| anyhow!("{e:#}"))?;
+    Ok(Loaded {
+        model,
+        weights: Weights::Mapped {
+            standins,
+            weights,
+            replaced: 0,
+        },
+    })
+}
+
+/// A weight left out of a skeleton graph: its shape, and a serial number
+/// that keeps stand-ins of one shape from comparing equal (tract merges
+/// equal constants).
+#[derive(Serialize, Deserialize)]
+struct StandIn {
+    shape: Vec<usize>,
+    serial: usize,
+}
+
+/// Copies the whole graph's archive, writing a stand-in for each weight the
+/// index holds instead of its data.
+fn write_skeleton(graph: &Path, index: &PackedIndex, out: &mut dyn Write) -> Result<()> {
+    let file = fs::File::open(graph).with_context(|| format!("{}", graph.display()))?;
+    let mut archive = tar::Archive::new(BufReader::new(file));
+    let mut builder = tar::Builder::new(out);
+    for (serial, entry) in archive.entries()?.enumerate() {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let path = path.strip_prefix("./").unwrap_or(&path).to_path_buf();
+        let label = (path.extension().is_some_and(|e| e == "dat"))
+            .then(|| resource_path_to_id(&path).ok())
+            .flatten();
+        if let Some(weight) = label.and_then(|l| index.get(&l)) {
+            let text = serde_json::to_vec(&StandIn {
+                shape: weight.shape.clone(),
+                serial,
+            })?;
+            let mut header = tar::Header::new_gnu();
+            header.set_size(text.len() as u64);
+            header.set_mode(0o644);
+            builder.append_data(&mut header, path.with_extension("standin"), &text[..])?;
+        } else {
+            let mut header = entry.header().clone();
+            builder.append_data(&mut header, &path, &mut entry)?;
+        }
+    }
+    builder.finish()?;
+    Ok(())
+}
+
+/// Reads stand-ins: float32 tensors of the weight's shape whose pages are
+/// never touched (the packed form replaces them before any kernel reads).
+struct StandInLoader;
+
+impl ResourceLoader for StandInLoader {
+    fn name(&self) -> tract_onnx::tract_core::internal::StaticName {
+        "edgegen stand-in weights".into()
+    }
+
+    fn try_load(
+        &self,
+        path: &Path,
+        reader: &mut dyn Read,
+        _framework: &Nnef,
+    ) -> TractResult<Option<(String, Arc<dyn Resource>)>> {
+        if path.extension().is_none_or(|e| e != "standin") {
+            return Ok(None);
+        }
+        let standin: StandIn = serde_json::from_reader(reader)?;
+        // SAFETY: only the first two elements are ever read; they are written here.
+        let mut tensor = unsafe { Tensor::uninitialized_dt(f32::datum_type(), &standin.shape)? };
+        let mut plain = tensor.try_as_plain_ram_mut()?;
+        let values = plain.as_slice_mut::<f32>()?;
+        anyhow::ensure!(values.len() >= 2, "stand-in {} too small", path.display());
+        values[0] = standin.serial as f32 + 1.0;
+        values[1] = -values[0];
+        drop(plain);
+        Ok(Some((resource_path_to_id(path)?, Arc::new(tensor))))
     }
 }
 
@@ -198,11 +399,13 @@ impl PlanKey {
 }
 
 fn nnef() -> Nnef {
-    tract_nnef::nnef()
+    let mut nnef = tract_nnef::nnef()
         .with_onnx()
         .with_tract_extra()
         .with_tract_transformers()
-        .with_registry(nnef_ext::registry())
+        .with_registry(nnef_ext::registry());
+    nnef.resource_loaders.insert(0, Box::new(StandInLoader));
+    nnef
 }
 
 fn hash_files(files: &[PathBuf]) -> Result<String> {

@@ -9,24 +9,114 @@
 //! out of its node, so the axis changes work in place, and leaves at most
 //! the weight and its packed form alive at once.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, Weak};
+
 use anyhow::Context;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::change_axes::{AxisOp, IntoShape};
 use tract_onnx::tract_core::ops::konst::Const;
-use tract_onnx::tract_core::ops::matmul::pack::OptMatMulPack;
-use tract_onnx::tract_core::optim::{
-    Optimizer, OptimizerSession, TypedPass, CONST_FOLD_MEM_BUDGET,
-};
+use tract_onnx::tract_core::ops::matmul::pack::{DynPackedExoticFact, OptMatMulPack};
+use tract_onnx::tract_core::optim::{Optimizer, OptimizerSession, TypedPass};
+use tract_onnx::tract_hir::internal::DimLike;
+
+use super::packed::{self, MappedWeights, PackRequest, PackedWeight};
+
+/// Weights below this are left to tract's own folding: small enough that an
+/// extra copy does not matter, and a page each in a packed-weights file.
+const MIN_WEIGHT_BYTES: usize = 16 << 10;
+
+/// Where the folded weights come from and where their packed forms go,
+/// shared with the pass (tract clones its passes between rounds).
+#[derive(Default)]
+pub enum Weights {
+    /// Folded and forgotten: a graph built from ONNX.
+    #[default]
+    Anonymous,
+    /// A graph read back from the cache: the packed form of each weight
+    /// known by its NNEF label (keyed by its data address) is kept, to be
+    /// written next to the graph.
+    Record {
+        /// Data address → NNEF label and the shape the archive stores.
+        labels: WeightNames<(String, Vec<usize>)>,
+        packed: Vec<PackedWeight>,
+    },
+    /// A graph whose large weights are stand-ins: their packed forms come
+    /// from the mapped file, and every stand-in must be replaced.
+    Mapped {
+        standins: WeightNames<String>,
+        weights: MappedWeights,
+        replaced: usize,
+    },
+}
+
+impl Weights {
+    /// True when the pass and the weights agree: no stand-in is left in the plan.
+    pub fn check_complete(&self) -> TractResult<()> {
+        if let Weights::Mapped {
+            standins, replaced, ..
+        } = self
+        {
+            anyhow::ensure!(
+                *replaced == standins.len(),
+                "{} of {} stand-in weights were replaced by their packed form",
+                replaced,
+                standins.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Names of loaded weights by tensor identity. The weak reference keeps the
+/// identity from being reused by another tensor without keeping the data
+/// alive, so the pass can still take a weight out of its node.
+pub struct WeightNames<T>(HashMap<usize, (Weak<Tensor>, T)>);
+
+impl<T> Default for WeightNames<T> {
+    fn default() -> Self {
+        WeightNames(HashMap::new())
+    }
+}
+
+impl<T> WeightNames<T> {
+    pub fn insert(&mut self, tensor: &Arc<Tensor>, name: T) {
+        let key = Arc::as_ptr(tensor) as usize;
+        self.0.insert(key, (Arc::downgrade(tensor), name));
+    }
+
+    pub fn get(&self, tensor: &Arc<Tensor>) -> Option<&T> {
+        let (weak, name) = self.0.get(&(Arc::as_ptr(tensor) as usize))?;
+        (weak.as_ptr() == Arc::as_ptr(tensor)).then_some(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// True for a weight the pass folds (and a packed-weights file may hold).
+pub fn is_large_weight(tensor: &Tensor) -> bool {
+    tensor.is_plain() && tensor.len() * tensor.datum_type().size_of() >= MIN_WEIGHT_BYTES
+}
 
 /// tract's codegen pipeline with the frugal fold ahead of its own.
-pub fn codegen_optimizer() -> Optimizer {
+pub fn codegen_optimizer(weights: Arc<Mutex<Weights>>) -> Optimizer {
     let mut optimizer = Optimizer::codegen();
-    optimizer.add_pass(0, Box::new(FoldWeightPreparation));
+    optimizer.add_pass(0, Box::new(FoldWeightPreparation { weights }));
     optimizer
 }
 
-#[derive(Clone, Debug, Default)]
-struct FoldWeightPreparation;
+#[derive(Clone)]
+struct FoldWeightPreparation {
+    weights: Arc<Mutex<Weights>>,
+}
+
+impl std::fmt::Debug for FoldWeightPreparation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FoldWeightPreparation")
+    }
+}
 
 impl TypedPass for FoldWeightPreparation {
     fn reset(&mut self) -> TractResult<()> {
@@ -51,7 +141,11 @@ impl TypedPass for FoldWeightPreparation {
         for name in &weights {
             let id = model.node_id_by_name(name)?;
             if let Some(chain) = chain_after(model, id) {
-                fold(model, id, &chain)?;
+                let mut weights = self
+                    .weights
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("weights lock poisoned"))?;
+                fold(model, id, &chain, &mut weights)?;
                 model.compact()?;
             }
         }
@@ -65,10 +159,7 @@ fn chain_after(model: &TypedModel, id: usize) -> Option<Vec<usize>> {
     let node = &model.nodes[id];
     let konst = node.op_as::<Const>()?;
     let tensor = konst.val();
-    if konst.exotic_fact().is_some()
-        || !tensor.is_plain()
-        || (tensor.len() * tensor.datum_type().size_of()) as u64 <= CONST_FOLD_MEM_BUDGET
-    {
+    if konst.exotic_fact().is_some() || !is_large_weight(tensor) {
         return None;
     }
     let outputs = model.output_outlets().ok()?;
@@ -97,16 +188,51 @@ fn chain_after(model: &TypedModel, id: usize) -> Option<Vec<usize>> {
 
 /// Evaluates `chain` on the weight of node `id`, moved out of the graph, and
 /// wires the result as a constant in place of the chain's last node.
-fn fold(model: &mut TypedModel, id: usize, chain: &[usize]) -> TractResult<()> {
-    let mut value = take_weight(model, id)?.into_tvalue();
-    for &step in chain {
-        let mut outputs = model.nodes[step]
-            .op
-            .eval_out_of_plan(tvec![value])?
-            .with_context(|| format!("{}: a stateful op in a weight's chain", model.nodes[step]))?;
-        value = outputs.remove(0);
-    }
+fn fold(
+    model: &mut TypedModel,
+    id: usize,
+    chain: &[usize],
+    weights: &mut Weights,
+) -> TractResult<()> {
     let last = *chain.last().context("empty chain")?;
+    let weight = model.nodes[id]
+        .op_as::<Const>()
+        .context("not a constant")?
+        .val()
+        .clone();
+    let value = match weights {
+        Weights::Mapped {
+            standins,
+            weights,
+            replaced,
+        } if standins.get(&weight).is_some() => {
+            let label = standins.get(&weight).context("stand-in")?;
+            let value = mapped(model, last, label, weights)?;
+            drop(weight);
+            take_weight(model, id)?;
+            *replaced += 1;
+            value
+        }
+        _ => {
+            let record = match weights {
+                Weights::Record { labels, .. } => labels.get(&weight).cloned(),
+                _ => None,
+            };
+            drop(weight);
+            let value = evaluate(model, id, chain)?;
+            if let (Some((label, shape)), Weights::Record { packed, .. }) = (record, &mut *weights)
+            {
+                if packed::is_storable(&value) {
+                    packed.push(PackedWeight {
+                        label,
+                        shape,
+                        value: value.clone().into_arc_tensor(),
+                    });
+                }
+            }
+            value
+        }
+    };
     let exotic = model
         .outlet_fact(OutletId::new(last, 0))?
         .exotic_fact
@@ -116,6 +242,62 @@ fn fold(model: &mut TypedModel, id: usize, chain: &[usize]) -> TractResult<()> {
     let wire = patch.wire_node(&model.nodes[last].name, konst, &[])?[0];
     patch.shunt_outside(model, OutletId::new(last, 0), wire)?;
     patch.apply(model)
+}
+
+/// The chain evaluated on the weight of node `id`, moved out of the graph.
+fn evaluate(model: &mut TypedModel, id: usize, chain: &[usize]) -> TractResult<TValue> {
+    let mut value = take_weight(model, id)?.into_tvalue();
+    for &step in chain {
+        let mut outputs = model.nodes[step]
+            .op
+            .eval_out_of_plan(tvec![value])?
+            .with_context(|| format!("{}: a stateful op in a weight's chain", model.nodes[step]))?;
+        value = outputs.remove(0);
+    }
+    Ok(value)
+}
+
+/// What the pack op `last` would make of a stand-in: its packed form from
+/// the mapped file, checked against the format, sizes and batch the op asks.
+fn mapped(
+    model: &TypedModel,
+    last: usize,
+    label: &str,
+    weights: &MappedWeights,
+) -> TractResult<TValue> {
+    let node = &model.nodes[last];
+    anyhow::ensure!(
+        node.op_is::<OptMatMulPack>(),
+        "stand-in {label} does not end in a pack but in {node}"
+    );
+    let fact = &node.outputs[0].fact;
+    let packing = fact
+        .exotic_fact
+        .as_ref()
+        .and_then(|f| f.downcast_ref::<DynPackedExoticFact>())
+        .with_context(|| format!("{node}: no packing fact"))?;
+    let [packer] = &packing.packers[..] else {
+        anyhow::bail!(
+            "{node}: {} packers, a mapped weight has one",
+            packing.packers.len()
+        );
+    };
+    let shape = fact
+        .shape
+        .as_concrete()
+        .with_context(|| format!("{node}: symbolic shape"))?;
+    anyhow::ensure!(
+        shape.iter().product::<usize>() == 1,
+        "{node}: a batch of packed matrices"
+    );
+    let request = PackRequest {
+        format: &**packer,
+        k: packing.k.to_usize()?,
+        mn: packing.mn.to_usize()?,
+        shape,
+    };
+    let tensor = weights.tensor(label, &request)?;
+    Ok(tensor.into_tvalue())
 }
 
 /// The weight of a `Const` node, owned: the node and its fact let go of it so
@@ -165,7 +347,7 @@ mod tests {
     fn plans_compute_what_tracts_own_codegen_computes() -> TractResult<()> {
         let (model, input) = product_with_large_weight()?;
         let mut ours = model.clone();
-        ours.optimize_with_session(&mut codegen_optimizer().session())?;
+        ours.optimize_with_session(&mut codegen_optimizer(Default::default()).session())?;
         let mut theirs = model;
         theirs.optimize()?;
         let run = |m: TypedModel| -> TractResult<Tensor> {
