@@ -28,7 +28,7 @@ use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tract_extra::WithTractExtra;
-use tract_nnef::ast::Identifier;
+use tract_nnef::ast::{Identifier, ProtoModel};
 use tract_nnef::framework::Nnef;
 use tract_nnef::resource::{resource_path_to_id, Resource, ResourceLoader};
 use tract_onnx::prelude::*;
@@ -250,28 +250,34 @@ impl CachedModel {
     }
 }
 
-/// The whole saved graph, its large float32 weights known by their labels.
-fn load_whole(path: &Path) -> Result<Loaded> {
+/// Reads a saved graph archive, naming its weights with `name` before the
+/// graph is built (and the archive's own references to them are dropped).
+fn read_graph(path: &Path, name: impl FnOnce(&ProtoModel) -> Result<Weights>) -> Result<Loaded> {
     let file = fs::File::open(path)?;
     let nnef = nnef();
     let proto = nnef
         .proto_model_for_read(&mut BufReader::new(file))
         .map_err(|e| anyhow!("{e:#}"))?;
-    let mut labels = WeightNames::default();
-    for (label, tensor) in &proto.tensors {
-        if tensor.datum_type() == f32::datum_type() && fold::is_large_weight(tensor) {
-            labels.insert(tensor, (label.0.clone(), tensor.shape().to_vec()));
-        }
-    }
+    let weights = name(&proto)?;
     let model = nnef
         .model_for_proto_model(&proto)
         .map_err(|e| anyhow!("{e:#}"))?;
-    Ok(Loaded {
-        model,
-        weights: Weights::Record {
+    Ok(Loaded { model, weights })
+}
+
+/// The whole saved graph, its large float32 weights known by their labels.
+fn load_whole(path: &Path) -> Result<Loaded> {
+    read_graph(path, |proto| {
+        let mut labels = WeightNames::default();
+        for (label, tensor) in &proto.tensors {
+            if tensor.datum_type() == f32::datum_type() && fold::is_large_weight(tensor) {
+                labels.insert(tensor, (label.0.clone(), tensor.shape().to_vec()));
+            }
+        }
+        Ok(Weights::Record {
             labels,
             packed: vec![],
-        },
+        })
     })
 }
 
@@ -279,29 +285,20 @@ fn load_whole(path: &Path) -> Result<Loaded> {
 fn load_mapped(files: &PlanFiles) -> Result<Loaded> {
     let index: PackedIndex = read_json(&files.index)?;
     let weights = MappedWeights::open(&files.packed, index)?;
-    let file = fs::File::open(&files.skeleton)?;
-    let nnef = nnef();
-    let proto = nnef
-        .proto_model_for_read(&mut BufReader::new(file))
-        .map_err(|e| anyhow!("{e:#}"))?;
-    let mut standins = WeightNames::default();
-    for label in weights.labels() {
-        let tensor = proto
-            .tensors
-            .get(&Identifier(label.clone()))
-            .with_context(|| format!("the skeleton has no weight {label}"))?;
-        standins.insert(tensor, label.clone());
-    }
-    let model = nnef
-        .model_for_proto_model(&proto)
-        .map_err(|e| anyhow!("{e:#}"))?;
-    Ok(Loaded {
-        model,
-        weights: Weights::Mapped {
+    read_graph(&files.skeleton, |proto| {
+        let mut standins = WeightNames::default();
+        for label in weights.labels() {
+            let tensor = proto
+                .tensors
+                .get(&Identifier(label.clone()))
+                .with_context(|| format!("the skeleton has no weight {label}"))?;
+            standins.insert(tensor, label.clone());
+        }
+        Ok(Weights::Mapped {
             standins,
             weights,
             replaced: 0,
-        },
+        })
     })
 }
 
