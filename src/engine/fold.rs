@@ -7,7 +7,9 @@
 //! For the largest kernel of a UNet (118 MB) that spike sets the process's
 //! peak memory. This pass runs ahead of tract's own folding, takes the weight
 //! out of its node, so the axis changes work in place, and leaves at most
-//! the weight and its packed form alive at once.
+//! the weight and its packed form alive at once. The same pass records the
+//! packed forms the compile cache saves, and puts the saved ones in place of
+//! stand-ins on later starts (`packed`).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, Weak};
@@ -34,10 +36,9 @@ pub enum Weights {
     #[default]
     Anonymous,
     /// A graph read back from the cache: the packed form of each weight
-    /// known by its NNEF label (keyed by its data address) is kept, to be
-    /// written next to the graph.
+    /// known by its NNEF label is kept, to be written next to the graph.
     Record {
-        /// Data address → NNEF label and the shape the archive stores.
+        /// NNEF label and the shape the archive stores, by loaded tensor.
         labels: WeightNames<(String, Vec<usize>)>,
         packed: Vec<PackedWeight>,
     },
@@ -132,13 +133,13 @@ impl TypedPass for FoldWeightPreparation {
     }
 
     fn run_direct(&mut self, model: &mut TypedModel) -> TractResult<bool> {
-        let weights: Vec<String> = model
+        let candidates: Vec<String> = model
             .nodes
             .iter()
             .filter(|node| chain_after(model, node.id).is_some())
             .map(|node| node.name.clone())
             .collect();
-        for name in &weights {
+        for name in &candidates {
             let id = model.node_id_by_name(name)?;
             if let Some(chain) = chain_after(model, id) {
                 let mut weights = self
@@ -149,7 +150,7 @@ impl TypedPass for FoldWeightPreparation {
                 model.compact()?;
             }
         }
-        Ok(!weights.is_empty())
+        Ok(!candidates.is_empty())
     }
 }
 
