@@ -14,6 +14,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
+mod aside;
 mod attention;
 mod cache;
 #[cfg(feature = "cuda")]
@@ -680,7 +681,10 @@ impl OnnxModel {
         if let Some(loaded) = self.cached.as_ref().and_then(|c| c.load(key)) {
             let mut typed = loaded.model;
             // Reading NNEF back wires some axis moves apart; declutter folds them again.
-            typed.declutter().map_err(|e| anyhow!("{e:#}"))?;
+            aside::declutter(&mut typed, |w| {
+                fold::is_large_weight(w) && w.datum_type() == f32::datum_type()
+            })
+            .map_err(|e| anyhow!("{e:#}"))?;
             log::debug!(
                 "{}: shapes {shapes:?} from the compile cache in {:.2?}",
                 self.path.display(),
