@@ -674,35 +674,52 @@ impl OnnxModel {
     }
 
     /// The typed, decluttered graph for this key: from the compile cache
-    /// when it has it, else built from the ONNX graph (and then saved there).
+    /// when it has it, else built from the ONNX graph and saved there. A
+    /// saved graph is read back at once, so that this start's codegen can
+    /// save its packed weights and the next start maps them.
     fn decluttered(&self, key: &PlanKey) -> Result<(TypedModel, fold::Weights)> {
-        let shapes = &key.shapes;
         let started = std::time::Instant::now();
-        if let Some(loaded) = self.cached.as_ref().and_then(|c| c.load(key)) {
-            let mut typed = loaded.model;
-            // Reading NNEF back wires some axis moves apart; declutter folds them again.
-            aside::declutter(&mut typed, |w| {
-                fold::is_large_weight(w) && w.datum_type() == f32::datum_type()
-            })
-            .map_err(|e| anyhow!("{e:#}"))?;
+        if let Some(loaded) = self.read_back(key)? {
             log::debug!(
-                "{}: shapes {shapes:?} from the compile cache in {:.2?}",
+                "{}: shapes {:?} from the compile cache in {:.2?}",
                 self.path.display(),
+                key.shapes,
                 started.elapsed()
             );
-            return Ok((typed, loaded.weights));
+            return Ok(loaded);
         }
-        let typed = self.build_typed(shapes)?;
+        let typed = self.build_typed(&key.shapes)?;
         log::debug!("typed and decluttered in {:.2?}", started.elapsed());
-        if let Some(cached) = &self.cached {
-            if let Err(err) = cached.store(key, &typed) {
-                log::info!(
-                    "compile cache: could not save {} for shapes {shapes:?}: {err:#}",
-                    self.path.display()
-                );
-            }
+        let Some(cached) = &self.cached else {
+            return Ok((typed, fold::Weights::Anonymous));
+        };
+        if let Err(err) = cached.store(key, &typed) {
+            log::info!(
+                "compile cache: could not save {} for shapes {:?}: {err:#}",
+                self.path.display(),
+                key.shapes
+            );
+            return Ok((typed, fold::Weights::Anonymous));
         }
-        Ok((typed, fold::Weights::Anonymous))
+        drop(typed);
+        match self.read_back(key)? {
+            Some(loaded) => Ok(loaded),
+            None => Ok((self.build_typed(&key.shapes)?, fold::Weights::Anonymous)),
+        }
+    }
+
+    /// The saved graph for this key, decluttered again after reading.
+    fn read_back(&self, key: &PlanKey) -> Result<Option<(TypedModel, fold::Weights)>> {
+        let Some(loaded) = self.cached.as_ref().and_then(|c| c.load(key)) else {
+            return Ok(None);
+        };
+        let mut typed = loaded.model;
+        // Reading NNEF back wires some axis moves apart; declutter folds them again.
+        aside::declutter(&mut typed, |w| {
+            fold::is_large_weight(w) && w.datum_type() == f32::datum_type()
+        })
+        .map_err(|e| anyhow!("{e:#}"))?;
+        Ok(Some((typed, loaded.weights)))
     }
 
     fn build_typed(&self, shapes: &[Vec<usize>]) -> Result<TypedModel> {

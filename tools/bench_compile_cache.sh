@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Compile cache: load + optimize time without the cache, with a cold cache, then
-# three warm starts (the first of them saves the packed weights, the next two
-# map them), one thread, one process each, for the bench models of
+# Compile cache: load + optimize time without the cache, with a cold cache (it
+# saves the graph and the packed weights), then two warm starts (they map the
+# packed weights), one thread, one process each, for the bench models of
 # tools/make_bench_models.py. Prints one line per start; docs/benchmarks.md has
 # the table.
 #
@@ -18,7 +18,7 @@ starts() { # label model input...
     shift 2
     local inputs=()
     for input in "$@"; do inputs+=(--input "$input"); done
-    for start in off cold warm-packing warm-mapped warm-mapped; do
+    for start in off cold warm warm; do
         local cache=()
         [[ $start == off ]] || cache=(--cache-dir "$caches/$label")
         "$edgegen" bench --onnx "$models/$model/model.onnx" "${inputs[@]}" --threads 1 --runs 1 \

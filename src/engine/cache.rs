@@ -13,8 +13,9 @@
 //! - `<model hash>/meta.json`: inputs, outputs and quantization summary.
 //! - `<model hash>/<plan key>.nnef.tar`: one graph per input-shape set; the key
 //!   also covers the tract and edgegen versions, float16 handling and the CPU.
-//! - `<plan key>.packed`, `.packed.json`, `.skeleton.tar`: written by the first
-//!   start that reads the graph back. The packed file holds the large weights
+//! - `<plan key>.packed`, `.packed.json`, `.skeleton.tar`: written by the start
+//!   that saved the graph, which reads it back for that (or by one that finds
+//!   the graph without them). The packed file holds the large weights
 //!   in the layout this CPU's kernels read (see `packed`); the skeleton is the
 //!   same graph with those weights replaced by stand-ins of their shape, so
 //!   later starts neither read nor pack them.
@@ -48,8 +49,9 @@ pub const TRACT_VERSION: &str = "0.23.9";
 
 /// What edgegen does to a graph before saving it; raised when that changes
 /// between releases, so older entries are not read back (2: float16 weights
-/// are stored as float32 when the graph runs as float32).
-const GRAPH_REVISION: u32 = 2;
+/// are stored as float32 when the graph runs as float32; 3: packed weights
+/// come from a graph decluttered with its matrix products' weights set aside).
+const GRAPH_REVISION: u32 = 3;
 
 /// What a cached model needs to be used without parsing its ONNX file.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -7,7 +7,7 @@
 //! next to its graph; later starts map that file and hand tract a matrix input
 //! whose panels point into the mapping, so the page cache is the only copy.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::hash::{Hash, Hasher};
@@ -43,7 +43,7 @@ pub struct PackedEntry {
 }
 
 /// The index of a packed-weights file: NNEF variable label → entry.
-pub type PackedIndex = HashMap<String, PackedEntry>;
+pub type PackedIndex = BTreeMap<String, PackedEntry>;
 
 /// A packed weight from this plan's codegen, to be written to the file.
 pub struct PackedWeight {
