@@ -35,4 +35,5 @@ print(sys.argv[1], sys.argv[2], "load", round(r["load_ms"]), "optimize", round(r
 starts unet512 bk-sdm-tiny-unet sample=1x4x64x64 timestep=scalar encoder_hidden_states=1x77x768
 starts unet256 bk-sdm-tiny-unet sample=1x4x32x32 timestep=scalar encoder_hidden_states=1x77x768
 starts clip clip-vit-l14-text input_ids=1x77:i32:49408
+starts vae512 sd-vae-decoder latent_sample=1x4x64x64
 starts taesd512 taesd-decoder latent_sample=1x4x64x64
