@@ -74,8 +74,12 @@ fn run(model: &OnnxModel, inputs: &Value) -> Vec<ArrayD<f32>> {
     model.run(named_inputs(inputs)).unwrap()
 }
 
+/// The saved graph of each plan: whole, or (when it has packed weights) the
+/// skeleton that replaced it.
 fn plan_files(cache: &Path) -> Vec<PathBuf> {
-    cache_files(cache, ".nnef.tar")
+    let mut files = cache_files(cache, ".nnef.tar");
+    files.extend(cache_files(cache, ".skeleton.tar"));
+    files
 }
 
 /// A file's identity and modification time: a file saved again differs in
@@ -126,6 +130,13 @@ fn warm_start_is_the_cold_start_bit_for_bit() {
         // its codegen made; the warm start maps them.
         let skeleton = cache_files(cache.path(), ".skeleton.tar").pop();
         let saved_as = skeleton.as_deref().map(stamp);
+        if skeleton.is_some() {
+            assert!(
+                cache_files(cache.path(), ".nnef.tar").is_empty(),
+                "{}: the whole graph is kept beside its skeleton",
+                path.display()
+            );
+        }
 
         let warm = open(&path, Some(cache.path()));
         assert_eq!(warm.cache_use(), CacheUse::Warm, "{}", path.display());

@@ -14,11 +14,11 @@
 //! - `<model hash>/<plan key>.nnef.tar`: one graph per input-shape set; the key
 //!   also covers the tract and edgegen versions, float16 handling and the CPU.
 //! - `<plan key>.packed`, `.packed.json`, `.skeleton.tar`: written by the start
-//!   that saved the graph, which reads it back for that (or by one that finds
-//!   the graph without them). The packed file holds the large weights
-//!   in the layout this CPU's kernels read (see `packed`); the skeleton is the
-//!   same graph with those weights replaced by stand-ins of their shape, so
-//!   later starts neither read nor pack them.
+//!   that saved the graph, which reads it back for that, and then replacing
+//!   it. The packed file holds the large weights in the layout this CPU's
+//!   kernels read (see `packed`); the skeleton is the same graph with those
+//!   weights replaced by stand-ins of their shape, so later starts neither
+//!   read nor pack them. A graph without large weights stays whole.
 
 use std::fs;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -209,8 +209,8 @@ impl CachedModel {
     }
 
     /// Saves the packed weights of a plan built from the saved graph, and the
-    /// skeleton graph that refers to them. The skeleton goes last: it is what
-    /// a start looks for.
+    /// skeleton graph that refers to them, in place of the whole graph. The
+    /// skeleton goes last: it is what a start looks for.
     pub fn store_packed(&self, key: &PlanKey, weights: &[PackedWeight]) -> Result<()> {
         let files = self.files(key);
         let mut index = PackedIndex::new();
@@ -221,10 +221,16 @@ impl CachedModel {
         write_atomically(&files.index, |w| {
             serde_json::to_writer(w, &index).map_err(anyhow::Error::from)
         })?;
-        write_atomically(&files.skeleton, |w| write_skeleton(&files.graph, &index, w))
+        write_atomically(&files.skeleton, |w| write_skeleton(&files.graph, &index, w))?;
+        // The skeleton and the packed file hold the whole graph now. Should they
+        // stop loading, the graph is built from the model file again.
+        if let Err(err) = fs::remove_file(&files.graph) {
+            log::debug!("compile cache: removing {}: {err}", files.graph.display());
+        }
+        Ok(())
     }
 
-    /// Drops the packed weights and skeleton of a plan key (the whole graph stays).
+    /// Drops the packed weights and skeleton of a plan key.
     pub fn forget_packed(&self, key: &PlanKey) {
         let files = self.files(key);
         for path in [&files.skeleton, &files.index, &files.packed] {
