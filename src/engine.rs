@@ -708,17 +708,26 @@ impl OnnxModel {
         }
     }
 
-    /// The saved graph for this key, decluttered again after reading.
+    /// The saved graph for this key, decluttered again after reading; none
+    /// (and the entry dropped) when it fails to.
     fn read_back(&self, key: &PlanKey) -> Result<Option<(TypedModel, fold::Weights)>> {
-        let Some(loaded) = self.cached.as_ref().and_then(|c| c.load(key)) else {
+        let Some(cached) = &self.cached else {
+            return Ok(None);
+        };
+        let Some(loaded) = cached.load(key) else {
             return Ok(None);
         };
         let mut typed = loaded.model;
         // Reading NNEF back wires some axis moves apart; declutter folds them again.
-        aside::declutter(&mut typed, |w| {
-            fold::is_large_weight(w) && w.datum_type() == f32::datum_type()
-        })
-        .map_err(|e| anyhow!("{e:#}"))?;
+        if let Err(err) = aside::declutter(&mut typed, |w| fold::is_savable_weight(w)) {
+            log::warn!(
+                "{}: the compile cache's graph for shapes {:?} does not declutter ({err:#}); rebuilding it",
+                self.path.display(),
+                key.shapes
+            );
+            cached.forget(key);
+            return Ok(None);
+        }
         Ok(Some((typed, loaded.weights)))
     }
 

@@ -31,9 +31,13 @@ fn set_aside(
 ) -> TractResult<Vec<Arc<Tensor>>> {
     let mut weights = vec![];
     for id in 0..model.nodes.len() {
-        let Some(weight) = model.nodes[id].op_as::<Const>().map(|k| k.val().clone()) else {
+        let Some(konst) = model.nodes[id].op_as::<Const>() else {
             continue;
         };
+        if konst.exotic_fact().is_some() {
+            continue;
+        }
+        let weight = konst.val().clone();
         if !aside(&weight) || !feeds_products_only(model, id) {
             continue;
         }

@@ -224,22 +224,20 @@ impl CachedModel {
         write_atomically(&files.skeleton, |w| write_skeleton(&files.graph, &index, w))?;
         // The skeleton and the packed file hold the whole graph now. Should they
         // stop loading, the graph is built from the model file again.
-        if let Err(err) = fs::remove_file(&files.graph) {
-            log::debug!("compile cache: removing {}: {err}", files.graph.display());
-        }
+        remove_files(&[&files.graph]);
         Ok(())
     }
 
     /// Drops the packed weights and skeleton of a plan key.
     pub fn forget_packed(&self, key: &PlanKey) {
         let files = self.files(key);
-        for path in [&files.skeleton, &files.index, &files.packed] {
-            if let Err(err) = fs::remove_file(path) {
-                if err.kind() != std::io::ErrorKind::NotFound {
-                    log::debug!("compile cache: removing {}: {err}", path.display());
-                }
-            }
-        }
+        remove_files(&[&files.skeleton, &files.index, &files.packed]);
+    }
+
+    /// Drops every file of a plan key.
+    pub fn forget(&self, key: &PlanKey) {
+        let files = self.files(key);
+        remove_files(&[&files.skeleton, &files.index, &files.packed, &files.graph]);
     }
 
     fn files(&self, key: &PlanKey) -> PlanFiles {
@@ -278,7 +276,7 @@ fn load_whole(path: &Path) -> Result<Loaded> {
     read_graph(path, |proto| {
         let mut labels = WeightNames::default();
         for (label, tensor) in &proto.tensors {
-            if tensor.datum_type() == f32::datum_type() && fold::is_large_weight(tensor) {
+            if fold::is_savable_weight(tensor) {
                 labels.insert(tensor, (label.0.clone(), tensor.shape().to_vec()));
             }
         }
@@ -376,7 +374,6 @@ impl ResourceLoader for StandInLoader {
         anyhow::ensure!(values.len() >= 2, "stand-in {} too small", path.display());
         values[0] = standin.serial as f32 + 1.0;
         values[1] = -values[0];
-        drop(plain);
         Ok(Some((resource_path_to_id(path)?, Arc::new(tensor))))
     }
 }
@@ -411,6 +408,16 @@ fn nnef() -> Nnef {
         .with_registry(nnef_ext::registry());
     nnef.resource_loaders.insert(0, Box::new(StandInLoader));
     nnef
+}
+
+fn remove_files(paths: &[&PathBuf]) {
+    for path in paths {
+        if let Err(err) = fs::remove_file(path) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                log::debug!("compile cache: removing {}: {err}", path.display());
+            }
+        }
+    }
 }
 
 fn hash_files(files: &[PathBuf]) -> Result<String> {

@@ -96,9 +96,14 @@ impl<T> WeightNames<T> {
     }
 }
 
-/// True for a weight the pass folds (and a packed-weights file may hold).
+/// True for a weight the pass folds.
 pub fn is_large_weight(tensor: &Tensor) -> bool {
     tensor.is_plain() && tensor.len() * tensor.datum_type().size_of() >= MIN_WEIGHT_BYTES
+}
+
+/// True for a weight a packed-weights file may hold.
+pub fn is_savable_weight(tensor: &Tensor) -> bool {
+    tensor.datum_type() == f32::datum_type() && is_large_weight(tensor)
 }
 
 /// tract's codegen pipeline with the frugal fold ahead of its own.
