@@ -30,6 +30,7 @@ pub fn load_pipeline(config: &Config, bundle: &Bundle) -> Result<Pipeline> {
         LoadOptions {
             memory: config.engine.memory,
             cache_dir: config.compile_cache_dir(),
+            cache_max_bytes: config.compile_cache_max_bytes(),
             attention_slice_bytes: config.attention_slice_bytes(),
         },
     )

@@ -47,6 +47,9 @@ pub struct EngineConfig {
     pub threads: usize,
     pub memory: MemoryMode,
     pub cache_dir: PathBuf,
+    /// Bound on the compile cache's size in MiB; the least recently used
+    /// plans are deleted beyond it. 0 = unbounded.
+    pub cache_max_mb: u64,
     /// Largest attention score tensor computed whole, in MiB; larger ones run
     /// in slices of query rows. 0 computes every one whole.
     pub attention_slice_mb: usize,
@@ -58,6 +61,7 @@ impl Default for EngineConfig {
             threads: 0,
             memory: MemoryMode::default(),
             cache_dir: PathBuf::new(),
+            cache_max_mb: 0,
             attention_slice_mb: crate::engine::DEFAULT_ATTENTION_SLICE_BYTES >> 20,
         }
     }
@@ -170,6 +174,11 @@ impl Config {
         } else {
             Some(dir.clone())
         }
+    }
+
+    /// `engine.cache_max_mb` in bytes; `None` when the cache is unbounded.
+    pub fn compile_cache_max_bytes(&self) -> Option<u64> {
+        (self.engine.cache_max_mb > 0).then(|| self.engine.cache_max_mb << 20)
     }
 
     /// `engine.attention_slice_mb` in bytes; `None` when slicing is off.

@@ -259,6 +259,8 @@ pub struct ModelOptions {
     pub f16_mode: F16Mode,
     /// Compile cache directory; `None` optimizes from the ONNX file every time.
     pub cache_dir: Option<PathBuf>,
+    /// Bound on the compile cache's size; `None` lets it grow.
+    pub cache_max_bytes: Option<u64>,
     /// Attention whose score tensor is larger runs in slices of query rows no
     /// larger than this; `None` computes every score matrix whole.
     pub attention_slice_bytes: Option<usize>,
@@ -269,6 +271,7 @@ impl Default for ModelOptions {
         ModelOptions {
             f16_mode: F16Mode::from_env_or_cpu(),
             cache_dir: None,
+            cache_max_bytes: None,
             attention_slice_bytes: Some(DEFAULT_ATTENTION_SLICE_BYTES),
         }
     }
@@ -348,7 +351,10 @@ impl OnnxModel {
         if !path.is_file() {
             bail!("{}: file not found", path.display());
         }
-        let cache = options.cache_dir.as_ref().map(PlanCache::new);
+        let cache = options
+            .cache_dir
+            .as_ref()
+            .map(|dir| PlanCache::new(dir).with_max_bytes(options.cache_max_bytes));
         if let Some((cached, meta)) = cache.as_ref().and_then(|c| c.lookup(path)) {
             log::debug!("{}: description from the compile cache", path.display());
             return Ok(Self::new(path, meta, None, options, Some(cached)));

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -129,7 +129,8 @@ fn warm_start_is_the_cold_start_bit_for_bit() {
         // The cold start read its saved graph back and saved the packed weights
         // its codegen made; the warm start maps them.
         let skeleton = cache_files(cache.path(), ".skeleton.tar").pop();
-        let saved_as = skeleton.as_deref().map(stamp);
+        let packed = cache_files(cache.path(), ".packed").pop();
+        let saved_as = packed.as_deref().map(stamp);
         if skeleton.is_some() {
             assert!(
                 cache_files(cache.path(), ".nnef.tar").is_empty(),
@@ -171,10 +172,10 @@ fn warm_start_is_the_cold_start_bit_for_bit() {
             "{}: cold plan computes differently",
             path.display()
         );
-        if let (Some(skeleton), Some(saved_as)) = (skeleton, saved_as) {
+        if let (Some(packed), Some(saved_as)) = (packed, saved_as) {
             // A start that finds the packed weights unusable packs and saves them again.
             assert_eq!(
-                stamp(&skeleton),
+                stamp(&packed),
                 saved_as,
                 "{}: the warm start did not use its packed weights",
                 path.display()
@@ -352,14 +353,15 @@ fn unusable_packed_weights_are_packed_again() {
     ];
     for (damage, apply) in damages {
         apply();
-        let before = stamp(&skeleton);
+        let before = stamp(&packed);
         let warm = open(&path, Some(cache.path()));
         assert_eq!(run(&warm, &inputs), expected, "{damage}");
         assert_ne!(
-            stamp(&skeleton),
+            stamp(&packed),
             before,
-            "{damage}: skeleton not saved again"
+            "{damage}: packed file not saved again"
         );
+        assert!(skeleton.is_file(), "{damage}: skeleton not saved again");
         assert!(
             fs::read(&packed).unwrap() == packed_bytes && fs::read(&index).unwrap() == index_text,
             "{damage}: packed weights not saved again as they were"
@@ -367,4 +369,87 @@ fn unusable_packed_weights_are_packed_again() {
         let mapped = open(&path, Some(cache.path()));
         assert_eq!(run(&mapped, &inputs), expected, "{damage}: mapped again");
     }
+}
+
+fn open_bounded(path: &Path, cache: &Path, max_bytes: u64) -> OnnxModel {
+    let options = ModelOptions {
+        cache_dir: Some(cache.to_path_buf()),
+        cache_max_bytes: Some(max_bytes),
+        ..ModelOptions::default()
+    };
+    OnnxModel::open(path, &options).unwrap()
+}
+
+/// The model directories that hold a saved plan.
+fn plan_dirs(cache: &Path) -> BTreeSet<PathBuf> {
+    plan_files(cache)
+        .iter()
+        .map(|f| f.parent().unwrap().to_path_buf())
+        .collect()
+}
+
+/// Bytes of the plans saved in a cache (every model's, not their descriptions).
+fn plan_bytes(cache: &Path) -> u64 {
+    let mut files = plan_files(cache);
+    files.extend(cache_files(cache, ".packed"));
+    files.extend(cache_files(cache, ".packed.json"));
+    files.iter().map(|f| fs::metadata(f).unwrap().len()).sum()
+}
+
+/// With `engine.cache_max_mb`, saving a plan deletes the least recently used
+/// ones (a warm start counts as a use) until the cache fits; a deleted plan
+/// is built again, with the same outputs.
+#[test]
+fn a_bounded_cache_deletes_the_least_recently_used_plans() {
+    let decoders: Vec<(PathBuf, Value)> = ["tiny-sd", "tiny-lcm", "tiny-sd-taesd"]
+        .iter()
+        .map(|bundle| {
+            let references =
+                read_json(&fixtures().join(format!("references/components-{bundle}.json")));
+            (
+                fixtures().join(format!("bundles/{bundle}/vae_decoder/model.onnx")),
+                references["vae_decoder"]["inputs"].clone(),
+            )
+        })
+        .collect();
+    let sizes: Vec<u64> = decoders
+        .iter()
+        .map(|(path, inputs)| {
+            let alone = tempfile::tempdir().unwrap();
+            run(&open(path, Some(alone.path())), inputs);
+            plan_bytes(alone.path())
+        })
+        .collect();
+    let [(a, a_inputs), (b, b_inputs), (c, c_inputs)] = &decoders[..] else {
+        unreachable!()
+    };
+    // Room for any two of them, not for all three.
+    let max_bytes = sizes[0] + sizes[1].max(sizes[2]) + sizes[1].min(sizes[2]) / 2;
+    let cache = tempfile::tempdir().unwrap();
+    let expected_b = run(&open(b, None), b_inputs);
+
+    run(&open_bounded(a, cache.path(), max_bytes), a_inputs);
+    let dir_a = plan_dirs(cache.path());
+    run(&open_bounded(b, cache.path(), max_bytes), b_inputs);
+    assert_eq!(plan_bytes(cache.path()), sizes[0] + sizes[1]);
+    let dir_b: BTreeSet<PathBuf> = plan_dirs(cache.path())
+        .difference(&dir_a)
+        .cloned()
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let warm_a = open_bounded(a, cache.path(), max_bytes);
+    assert_eq!(warm_a.cache_use(), CacheUse::Warm);
+    run(&warm_a, a_inputs);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    run(&open_bounded(c, cache.path(), max_bytes), c_inputs);
+
+    let kept = plan_dirs(cache.path());
+    assert_eq!(plan_bytes(cache.path()), sizes[0] + sizes[2]);
+    assert!(
+        kept.is_superset(&dir_a) && kept.is_disjoint(&dir_b),
+        "the least recently used plan (the second model's) is not the one deleted"
+    );
+    let rebuilt = open_bounded(b, cache.path(), max_bytes);
+    assert_eq!(run(&rebuilt, b_inputs), expected_b);
+    assert!(plan_bytes(cache.path()) <= max_bytes.max(sizes[1]));
 }

@@ -75,16 +75,27 @@ struct Fingerprint {
 pub struct CachedModel {
     dir: PathBuf,
     hash: String,
+    cache: PlanCache,
 }
 
 #[derive(Clone, Debug)]
 pub struct PlanCache {
     dir: PathBuf,
+    max_bytes: Option<u64>,
 }
 
 impl PlanCache {
     pub fn new(dir: impl Into<PathBuf>) -> PlanCache {
-        PlanCache { dir: dir.into() }
+        PlanCache {
+            dir: dir.into(),
+            max_bytes: None,
+        }
+    }
+
+    /// Keeps the plans of all models within `max_bytes`, deleting the least
+    /// recently used ones after each save.
+    pub fn with_max_bytes(self, max_bytes: Option<u64>) -> PlanCache {
+        PlanCache { max_bytes, ..self }
     }
 
     /// The cached model for `path` if its remembered hash still applies and
@@ -143,6 +154,34 @@ impl PlanCache {
         CachedModel {
             dir: self.dir.join(sha256),
             hash: sha256.to_string(),
+            cache: self.clone(),
+        }
+    }
+
+    /// Deletes the least recently used plans (of any model) until the cache
+    /// fits its bound; the plan `keep` (a file stem) stays whatever its size.
+    fn trim(&self, keep: &Path) {
+        let Some(max_bytes) = self.max_bytes else {
+            return;
+        };
+        let mut plans = saved_plans(&self.dir);
+        let mut total: u64 = plans.iter().map(|p| p.bytes).sum();
+        plans.sort_by_key(|p| p.used);
+        for plan in plans {
+            if total <= max_bytes {
+                break;
+            }
+            if plan.stem == keep {
+                continue;
+            }
+            log::info!(
+                "compile cache: over {} MiB, deleting the plan least recently used ({}, {} MiB)",
+                max_bytes >> 20,
+                plan.stem.display(),
+                plan.bytes >> 20
+            );
+            remove_files(&plan.files.iter().collect::<Vec<_>>());
+            total -= plan.bytes;
         }
     }
 
@@ -174,7 +213,10 @@ impl CachedModel {
         let files = self.files(key);
         if files.skeleton.is_file() {
             match load_mapped(&files) {
-                Ok(loaded) => return Some(loaded),
+                Ok(loaded) => {
+                    mark_used(&files.skeleton);
+                    return Some(loaded);
+                }
                 Err(err) => {
                     log::warn!(
                         "compile cache: {} does not load ({err:#}); reading the whole graph",
@@ -185,7 +227,10 @@ impl CachedModel {
             }
         }
         match load_whole(&files.graph) {
-            Ok(loaded) => Some(loaded),
+            Ok(loaded) => {
+                mark_used(&files.graph);
+                Some(loaded)
+            }
             Err(err) => {
                 if files.graph.exists() {
                     log::warn!(
@@ -205,7 +250,9 @@ impl CachedModel {
                 .write_to_tar(model, w)
                 .map(|_| ())
                 .map_err(|e| anyhow!("{e:#}"))
-        })
+        })?;
+        self.cache.trim(&self.stem(key));
+        Ok(())
     }
 
     /// Saves the packed weights of a plan built from the saved graph, and the
@@ -225,6 +272,7 @@ impl CachedModel {
         // The skeleton and the packed file hold the whole graph now. Should they
         // stop loading, the graph is built from the model file again.
         remove_files(&[&files.graph]);
+        self.cache.trim(&self.stem(key));
         Ok(())
     }
 
@@ -240,8 +288,12 @@ impl CachedModel {
         remove_files(&[&files.skeleton, &files.index, &files.packed, &files.graph]);
     }
 
+    fn stem(&self, key: &PlanKey) -> PathBuf {
+        self.dir.join(key.digest(&self.hash))
+    }
+
     fn files(&self, key: &PlanKey) -> PlanFiles {
-        let stem = self.dir.join(key.digest(&self.hash));
+        let stem = self.stem(key);
         let with = |suffix: &str| {
             let mut name = stem.clone().into_os_string();
             name.push(suffix);
@@ -408,6 +460,60 @@ fn nnef() -> Nnef {
         .with_registry(nnef_ext::registry());
     nnef.resource_loaders.insert(0, Box::new(StandInLoader));
     nnef
+}
+
+/// The files of one plan key, their size and when the plan was last used.
+struct SavedPlan {
+    stem: PathBuf,
+    files: Vec<PathBuf>,
+    bytes: u64,
+    used: std::time::SystemTime,
+}
+
+/// Every plan under the cache directory, grouped by plan key: files named
+/// `<key>.<suffix>` in the models' directories (not their `meta.json`, nor
+/// files being written).
+fn saved_plans(dir: &Path) -> Vec<SavedPlan> {
+    let mut plans: std::collections::BTreeMap<PathBuf, SavedPlan> = Default::default();
+    let models = fs::read_dir(dir).into_iter().flatten().flatten();
+    for model in models.filter(|m| m.file_name() != "files") {
+        for file in fs::read_dir(model.path()).into_iter().flatten().flatten() {
+            let name = file.file_name();
+            let name = name.to_string_lossy();
+            let Some((key, _)) = name.split_once('.') else {
+                continue;
+            };
+            if key.is_empty() || key == "meta" {
+                continue;
+            }
+            let Ok(metadata) = file.metadata() else {
+                continue;
+            };
+            let stem = model.path().join(key);
+            let used = metadata.modified().unwrap_or(std::time::UNIX_EPOCH);
+            let plan = plans.entry(stem.clone()).or_insert(SavedPlan {
+                stem,
+                files: vec![],
+                bytes: 0,
+                used,
+            });
+            plan.files.push(file.path());
+            plan.bytes += metadata.len();
+            plan.used = plan.used.max(used);
+        }
+    }
+    plans.into_values().collect()
+}
+
+/// Records a plan's use in its file's modification time, which `trim` reads.
+fn mark_used(path: &Path) {
+    let touched = fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    if let Err(err) = touched {
+        log::debug!("compile cache: marking {} used: {err}", path.display());
+    }
 }
 
 fn remove_files(paths: &[&PathBuf]) {

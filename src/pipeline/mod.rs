@@ -73,6 +73,7 @@ impl Component {
     pub fn open(path: PathBuf, options: &LoadOptions) -> Result<Self> {
         let engine = ModelOptions {
             cache_dir: options.cache_dir.clone(),
+            cache_max_bytes: options.cache_max_bytes,
             attention_slice_bytes: options.attention_slice_bytes,
             ..ModelOptions::default()
         };
@@ -99,6 +100,8 @@ pub struct LoadOptions {
     pub memory: MemoryMode,
     /// Compile cache directory (see `engine::ModelOptions`).
     pub cache_dir: Option<PathBuf>,
+    /// See `engine::ModelOptions::cache_max_bytes`.
+    pub cache_max_bytes: Option<u64>,
     /// See `engine::ModelOptions::attention_slice_bytes`.
     pub attention_slice_bytes: Option<usize>,
 }
@@ -108,6 +111,7 @@ impl Default for LoadOptions {
         LoadOptions {
             memory: MemoryMode::default(),
             cache_dir: None,
+            cache_max_bytes: None,
             attention_slice_bytes: ModelOptions::default().attention_slice_bytes,
         }
     }
