@@ -307,6 +307,15 @@ mod tests {
     }
 
     #[test]
+    fn the_compile_cache_is_unbounded_unless_given_a_size() {
+        assert_eq!(Config::default().compile_cache_max_bytes(), None);
+        let config = Config::from_toml("[engine]\ncache_max_mb = 0").unwrap();
+        assert_eq!(config.compile_cache_max_bytes(), None);
+        let config = Config::from_toml("[engine]\ncache_max_mb = 4096").unwrap();
+        assert_eq!(config.compile_cache_max_bytes(), Some(4096 << 20));
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::from_toml("[limits]\nqueue = 3\nmax_stepz = 4\n").unwrap_err();
         assert!(format!("{err:#}").contains("max_stepz"), "{err:#}");
