@@ -178,7 +178,7 @@ impl Config {
 
     /// `engine.cache_max_mb` in bytes; `None` when the cache is unbounded.
     pub fn compile_cache_max_bytes(&self) -> Option<u64> {
-        (self.engine.cache_max_mb > 0).then(|| self.engine.cache_max_mb << 20)
+        (self.engine.cache_max_mb > 0).then_some(self.engine.cache_max_mb << 20)
     }
 
     /// `engine.attention_slice_mb` in bytes; `None` when slicing is off.

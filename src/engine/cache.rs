@@ -180,7 +180,7 @@ impl PlanCache {
                 plan.stem.display(),
                 plan.bytes >> 20
             );
-            remove_files(&plan.files.iter().collect::<Vec<_>>());
+            remove_files(&plan.files);
             total -= plan.bytes;
         }
     }
@@ -271,7 +271,7 @@ impl CachedModel {
         write_atomically(&files.skeleton, |w| write_skeleton(&files.graph, &index, w))?;
         // The skeleton and the packed file hold the whole graph now. Should they
         // stop loading, the graph is built from the model file again.
-        remove_files(&[&files.graph]);
+        remove_files([&files.graph]);
         self.cache.trim(&self.stem(key));
         Ok(())
     }
@@ -279,13 +279,13 @@ impl CachedModel {
     /// Drops the packed weights and skeleton of a plan key.
     pub fn forget_packed(&self, key: &PlanKey) {
         let files = self.files(key);
-        remove_files(&[&files.skeleton, &files.index, &files.packed]);
+        remove_files([&files.skeleton, &files.index, &files.packed]);
     }
 
     /// Drops every file of a plan key.
     pub fn forget(&self, key: &PlanKey) {
         let files = self.files(key);
-        remove_files(&[&files.skeleton, &files.index, &files.packed, &files.graph]);
+        remove_files([&files.skeleton, &files.index, &files.packed, &files.graph]);
     }
 
     fn stem(&self, key: &PlanKey) -> PathBuf {
@@ -516,8 +516,9 @@ fn mark_used(path: &Path) {
     }
 }
 
-fn remove_files(paths: &[&PathBuf]) {
+fn remove_files(paths: impl IntoIterator<Item = impl AsRef<Path>>) {
     for path in paths {
+        let path = path.as_ref();
         if let Err(err) = fs::remove_file(path) {
             if err.kind() != std::io::ErrorKind::NotFound {
                 log::debug!("compile cache: removing {}: {err}", path.display());
