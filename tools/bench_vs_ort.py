@@ -236,15 +236,47 @@ def row_for(doc: dict, shape: dict, threads: int, tract: dict, ort: dict, macs: 
             f"{diff[0]:.2g} (of {diff[1]:.2g})"], ratio
 
 
-def render_text(rows: list[list[str]]) -> str:
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
+FIDELITY_COLUMNS = ["component", "shape", "float32 model", "tract vs float32: max / mean abs diff",
+                    "ORT vs float32: max / mean abs diff"]
+
+
+def deviation(got: dict, reference: dict) -> str:
+    """Max and mean absolute difference of a report's outputs from a reference's, and the scale."""
+    worst, scale = compare_outputs(got, reference)
+    diffs = [np.abs(np.fromfile(info["file"], dtype="<f4").reshape(info["shape"]).astype(np.float64)
+                    - np.load(ref_file).astype(np.float64))
+             for info, ref_file in zip(got["outputs"], reference["outputs"])]
+    mean = float(np.mean(np.concatenate([d.ravel() for d in diffs])))
+    return f"{worst:.2g} / {mean:.2g} (of {scale:.2g})"
+
+
+def float32_source(models_dir: Path, doc: dict) -> Path | None:
+    """The float32 model an int8 / float16 variant was made from (its sidecar's `source`)."""
+    name, _, how = doc.get("source", "").partition(" ")
+    model = models_dir / name / "model.onnx"
+    return model if how in ("quantized", "converted") and model.is_file() else None
+
+
+def npy_outputs(report: dict) -> dict:
+    """An onnxruntime report's outputs in the form compare_outputs reads for tract."""
+    files = []
+    for path in report["outputs"]:
+        value = np.load(path).astype("<f4")
+        raw = Path(path).with_suffix(".raw")
+        value.tofile(raw)
+        files.append({"name": Path(path).stem, "file": str(raw), "shape": list(value.shape)})
+    return {"outputs": files}
+
+
+def render_text(rows: list[list[str]], columns: list[str] = COLUMNS) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
 
 
-def render_markdown(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def render_markdown(rows: list[list[str]], columns: list[str] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -292,6 +324,9 @@ def main() -> None:
     parser.add_argument("--edgegen", type=Path, default=REPO / "target" / "release" / "edgegen")
     parser.add_argument("--markdown", type=Path, help="also write the table with machine and command here")
     parser.add_argument("--fma-units", type=int, default=2, help="FMA units per core, for the peak (see onnx_flops)")
+    parser.add_argument("--against-float32", action="store_true",
+                        help="for int8 / float16 variants, also compare both engines' outputs with onnxruntime's "
+                             "on the float32 model they were made from (same inputs)")
     args = parser.parse_args()
     self_check()
     if not args.edgegen.is_file():
@@ -300,7 +335,7 @@ def main() -> None:
     if not models:
         raise SystemExit(f"{args.models_dir}: no */bench.json (tools/make_bench_models.py writes them)")
     peak, machine_text = machine(args.fma_units)
-    rows, ratios = [], []
+    rows, ratios, fidelity = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for model, doc in models:
             for shape in doc["shapes"]:
@@ -316,8 +351,16 @@ def main() -> None:
                     rows.append(row)
                     ratios.append(ratio)
                     print(render_text([row]).splitlines()[1], file=sys.stderr, flush=True)
+                    source = float32_source(args.models_dir, doc)
+                    if args.against_float32 and source and threads == args.threads[0]:
+                        reference = run_ort(source, shape["inputs"], threads, 0, work / "float32")
+                        fidelity.append([doc["name"], shape["label"], source.parent.name,
+                                         *(deviation(got, reference) for got in (tract, npy_outputs(ort)))])
     worst = max(ratios) if ratios else float("nan")
     print(render_text(rows))
+    if fidelity:
+        print()
+        print(render_text(fidelity, FIDELITY_COLUMNS))
     print(f"peak: {peak['derivation']}")
     print(f"worst ratio: {worst:.2f}")
     if args.markdown:
@@ -340,6 +383,7 @@ def main() -> None:
             "",
             f"worst ratio: {worst:.2f}",
             "",
+            *([render_markdown(fidelity, FIDELITY_COLUMNS), ""] if fidelity else []),
         ])
         args.markdown.write_text(doc)
         print(f"wrote {args.markdown}", file=sys.stderr)
