@@ -177,17 +177,33 @@ def run_ort(model: Path, inputs: dict, threads: int, runs: int, out_dir: Path) -
     return json.loads(done.stdout)
 
 
+def outputs_of(report: dict) -> list[np.ndarray]:
+    """A report's outputs as float64 arrays: tract's raw files with their shapes, or onnxruntime's .npy files."""
+    arrays = []
+    for output in report["outputs"]:
+        if isinstance(output, dict):
+            value = np.fromfile(output["file"], dtype="<f4").reshape(output["shape"])
+        else:
+            value = np.load(output)
+        arrays.append(value.astype(np.float64))
+    return arrays
+
+
+def output_diffs(got: dict, want: dict) -> tuple[list[np.ndarray], float]:
+    """|got - want| per output, and the largest |want|."""
+    diffs, scale = [], 0.0
+    for i, (a, b) in enumerate(zip(outputs_of(got), outputs_of(want))):
+        if a.shape != b.shape:
+            raise RuntimeError(f"output {i}: shapes {a.shape} and {b.shape}")
+        diffs.append(np.abs(a - b))
+        scale = max(scale, float(np.max(np.abs(b))))
+    return diffs, scale
+
+
 def compare_outputs(tract: dict, ort: dict) -> tuple[float, float]:
     """(max abs difference, largest |value|) over all outputs."""
-    worst, scale = 0.0, 0.0
-    for info, ort_file in zip(tract["outputs"], ort["outputs"]):
-        got = np.fromfile(info["file"], dtype="<f4").reshape(info["shape"]).astype(np.float64)
-        want = np.load(ort_file).astype(np.float64)
-        if got.shape != want.shape:
-            raise RuntimeError(f"output {info['name']}: tract shape {got.shape}, onnxruntime {want.shape}")
-        worst = max(worst, float(np.max(np.abs(got - want))))
-        scale = max(scale, float(np.max(np.abs(want))))
-    return worst, scale
+    diffs, scale = output_diffs(tract, ort)
+    return max((float(np.max(d)) for d in diffs), default=0.0), scale
 
 
 def macs_for(model: Path, inputs: dict) -> dict | None:
@@ -242,12 +258,9 @@ FIDELITY_COLUMNS = ["component", "shape", "float32 model", "tract vs float32: ma
 
 def deviation(got: dict, reference: dict) -> str:
     """Max and mean absolute difference of a report's outputs from a reference's, and the scale."""
-    worst, scale = compare_outputs(got, reference)
-    diffs = [np.abs(np.fromfile(info["file"], dtype="<f4").reshape(info["shape"]).astype(np.float64)
-                    - np.load(ref_file).astype(np.float64))
-             for info, ref_file in zip(got["outputs"], reference["outputs"])]
-    mean = float(np.mean(np.concatenate([d.ravel() for d in diffs])))
-    return f"{worst:.2g} / {mean:.2g} (of {scale:.2g})"
+    diffs, scale = output_diffs(got, reference)
+    flat = np.concatenate([d.ravel() for d in diffs])
+    return f"{float(np.max(flat)):.2g} / {float(np.mean(flat)):.2g} (of {scale:.2g})"
 
 
 def float32_source(models_dir: Path, doc: dict) -> Path | None:
@@ -255,17 +268,6 @@ def float32_source(models_dir: Path, doc: dict) -> Path | None:
     name, _, how = doc.get("source", "").partition(" ")
     model = models_dir / name / "model.onnx"
     return model if how in ("quantized", "converted") and model.is_file() else None
-
-
-def npy_outputs(report: dict) -> dict:
-    """An onnxruntime report's outputs in the form compare_outputs reads for tract."""
-    files = []
-    for path in report["outputs"]:
-        value = np.load(path).astype("<f4")
-        raw = Path(path).with_suffix(".raw")
-        value.tofile(raw)
-        files.append({"name": Path(path).stem, "file": str(raw), "shape": list(value.shape)})
-    return {"outputs": files}
 
 
 def render_text(rows: list[list[str]], columns: list[str] = COLUMNS) -> str:
@@ -355,7 +357,7 @@ def main() -> None:
                     if args.against_float32 and source and threads == args.threads[0]:
                         reference = run_ort(source, shape["inputs"], threads, 0, work / "float32")
                         fidelity.append([doc["name"], shape["label"], source.parent.name,
-                                         *(deviation(got, reference) for got in (tract, npy_outputs(ort)))])
+                                         *(deviation(got, reference) for got in (tract, ort))])
     worst = max(ratios) if ratios else float("nan")
     print(render_text(rows))
     if fidelity:
