@@ -693,10 +693,24 @@ impl Probe {
             .expect("publish");
     }
 
+    /// Publishes a retained message and waits until it comes back to this
+    /// probe, which must be subscribed to `topic`: only then does the broker
+    /// hold it, so a client that subscribes afterwards gets it as retained and
+    /// never as a live message.
     pub fn publish_retained(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        let payload = payload.into();
+        let echoes = |msgs: &[Msg]| {
+            msgs.iter()
+                .filter(|m| m.topic == topic && m.payload == payload)
+                .count()
+        };
+        let before = echoes(&self.messages());
         self.client
-            .publish(topic, QoS::AtLeastOnce, true, payload.into())
+            .publish(topic, QoS::AtLeastOnce, true, payload.clone())
             .expect("publish");
+        self.wait(&format!("retained echo on {topic}"), WAIT, |msgs| {
+            echoes(msgs) > before
+        });
     }
 
     pub fn publish_with_response(
