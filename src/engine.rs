@@ -671,7 +671,7 @@ impl OnnxModel {
                 packed.len(),
                 started.elapsed()
             ),
-            Err(err) => log::info!(
+            Err(err) => log::warn!(
                 "compile cache: could not save the packed weights of {}: {err:#}",
                 self.path.display()
             ),
@@ -700,7 +700,7 @@ impl OnnxModel {
             return Ok((typed, fold::Weights::Anonymous));
         };
         if let Err(err) = cached.store(key, &typed) {
-            log::info!(
+            log::warn!(
                 "compile cache: could not save {} for shapes {:?}: {err:#}",
                 self.path.display(),
                 key.shapes

@@ -10,6 +10,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use common::tmpfs::Tmpfs;
 use common::{fixtures, named_inputs, read_json};
 use edgegen::engine::{CacheUse, ModelOptions, OnnxModel};
 use ndarray::ArrayD;
@@ -452,4 +453,114 @@ fn a_bounded_cache_deletes_the_least_recently_used_plans() {
     let rebuilt = open_bounded(b, cache.path(), max_bytes);
     assert_eq!(run(&rebuilt, b_inputs), expected_b);
     assert!(plan_bytes(cache.path()) <= max_bytes.max(sizes[1]));
+}
+
+/// Free space the cache keeps on its file system (see `engine::cache::room`).
+fn reserve(fs_bytes: u64) -> u64 {
+    (fs_bytes / 10).min(1 << 30)
+}
+
+/// The compile cache never takes the last tenth of its disk (pictures and the
+/// spool share it): with less free than that nothing is saved; with just a
+/// little more, another model's least recently used plan gives way first.
+/// Outputs never change. Needs root for the tmpfs.
+#[test]
+fn the_cache_leaves_its_disk_a_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "size=32m") else {
+        return;
+    };
+    let reserve = reserve(disk.size());
+    let cache = disk.path.join("cache");
+    let decoder = |bundle: &str| {
+        let references =
+            read_json(&fixtures().join(format!("references/components-{bundle}.json")));
+        (
+            fixtures().join(format!("bundles/{bundle}/vae_decoder/model.onnx")),
+            references["vae_decoder"]["inputs"].clone(),
+        )
+    };
+    let (a, a_inputs) = decoder("tiny-sd");
+    let (b, b_inputs) = decoder("tiny-lcm");
+    let expected_a = run(&open(&a, None), &a_inputs);
+    let expected_b = run(&open(&b, None), &b_inputs);
+    let no_temporaries = |when: &str| {
+        let left = cache_files(&cache, ".tmp");
+        assert!(left.is_empty(), "{when}: temporary files left: {left:?}");
+    };
+
+    let filler = disk.fill_leaving(reserve - (64 << 10));
+    assert_eq!(run(&open(&a, Some(&cache)), &a_inputs), expected_a);
+    assert!(
+        plan_files(&cache).is_empty(),
+        "a plan was saved into the reserve"
+    );
+    no_temporaries("below the reserve");
+    fs::remove_file(filler).unwrap();
+
+    let filler = disk.fill_leaving(reserve + (8 << 20));
+    assert_eq!(run(&open(&a, Some(&cache)), &a_inputs), expected_a);
+    let dir_a = plan_dirs(&cache);
+    assert_eq!(plan_files(&cache).len(), 1, "no plan saved with room");
+    fs::remove_file(filler).unwrap();
+
+    let _filler = disk.fill_leaving(reserve + (16 << 10));
+    let free_before = disk.available();
+    assert_eq!(run(&open(&b, Some(&cache)), &b_inputs), expected_b);
+    let kept = plan_dirs(&cache);
+    assert!(
+        kept.is_disjoint(&dir_a) && !kept.is_empty(),
+        "the first model's plan did not give way to the second's: {kept:?} (first {dir_a:?})"
+    );
+    no_temporaries("tight");
+    assert!(
+        disk.available() + (64 << 10) >= reserve,
+        "{} bytes free after saving, reserve {reserve} (before: {free_before})",
+        disk.available()
+    );
+    let warm_b = open(&b, Some(&cache));
+    assert_eq!(warm_b.cache_use(), CacheUse::Warm);
+    assert_eq!(run(&warm_b, &b_inputs), expected_b);
+}
+
+/// Saving packed weights needs room for them beside the whole graph they
+/// replace. Without it the whole graph stays the plan (a warm start still);
+/// once there is room, the next start saves them.
+#[test]
+fn packed_weights_wait_for_room_beside_the_whole_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "size=32m") else {
+        return;
+    };
+    let reserve = reserve(disk.size());
+    let cache = disk.path.join("cache");
+    let (path, inputs) = text_encoder();
+    let expected = run(&open(&path, None), &inputs);
+    let weights = fs::metadata(&path).unwrap().len();
+
+    let filler = disk.fill_leaving(reserve + weights * 3 / 2);
+    assert_eq!(run(&open(&path, Some(&cache)), &inputs), expected);
+    assert_eq!(
+        cache_files(&cache, ".nnef.tar").len(),
+        1,
+        "whole graph saved"
+    );
+    assert!(
+        cache_files(&cache, ".packed").is_empty()
+            && cache_files(&cache, ".skeleton.tar").is_empty(),
+        "packed weights saved into the reserve"
+    );
+    let warm = open(&path, Some(&cache));
+    assert_eq!(warm.cache_use(), CacheUse::Warm);
+    assert_eq!(run(&warm, &inputs), expected);
+
+    fs::remove_file(filler).unwrap();
+    assert_eq!(run(&open(&path, Some(&cache)), &inputs), expected);
+    assert_eq!(
+        cache_files(&cache, ".skeleton.tar").len(),
+        1,
+        "packed weights not saved with room"
+    );
+    assert!(cache_files(&cache, ".nnef.tar").is_empty());
+    assert_eq!(run(&open(&path, Some(&cache)), &inputs), expected);
 }

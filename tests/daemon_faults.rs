@@ -5,71 +5,19 @@
 //! The disk-full tests mount tmpfs, which needs root (CI runs as root). Run
 //! as another user they print why and do nothing.
 
+mod common;
 mod mqtt_support;
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use common::tmpfs::{fill, Tmpfs};
 use edgegen::mqtt::messages::{ErrorCode, JobState};
 use edgegen::mqtt::topics::Topics;
 use mqtt_support::{
     assert_stored, files_under, free_port, wait_spool_empty, Daemon, DaemonConfig, Mosquitto, Probe,
 };
-
-/// A tmpfs mounted for the test, unmounted (lazily, so a straggling process
-/// cannot block it) when dropped.
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    /// `None` (with the reason printed) when this user may not mount.
-    fn mount(path: &Path, options: &str) -> Option<Tmpfs> {
-        fs::create_dir_all(path).expect("mount point");
-        let is_root = fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Uid:"))
-                    .map(|v| v.split_whitespace().next() == Some("0"))
-            })
-            .unwrap_or(false);
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-            .arg(path)
-            .status();
-        match status {
-            Ok(s) if s.success() => Some(Tmpfs {
-                path: path.to_path_buf(),
-            }),
-            // Root must be able to mount: a failure there is a real failure.
-            _ if is_root => panic!("mount -t tmpfs -o {options} failed as root"),
-            _ => {
-                eprintln!("skipped: mounting tmpfs needs root");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
-/// Fills a file system completely; returns the filler file.
-fn fill(dir: &Path) -> PathBuf {
-    let filler = dir.join("filler");
-    let mut file = fs::File::create(&filler).expect("filler");
-    let block = vec![0u8; 4096];
-    while file.write_all(&block).is_ok() {}
-    let _ = file.sync_all();
-    filler
-}
 
 fn temporaries(dir: &Path) -> Vec<PathBuf> {
     files_under(dir)

@@ -42,6 +42,7 @@ use super::{GraphSummary, TensorSpec};
 use crate::file_stamp::FileStamp;
 
 mod nnef_ext;
+mod room;
 
 /// The tract release the crate is pinned to (`=` in Cargo.toml); part of every
 /// plan key, because NNEF from one tract release is not promised to load in another.
@@ -158,30 +159,17 @@ impl PlanCache {
         }
     }
 
-    /// Deletes the least recently used plans (of any model) until the cache
-    /// fits its bound; the plan `keep` (a file stem) stays whatever its size.
+    /// Deletes the least recently used plans (of any model) until `incoming`
+    /// more bytes fit the cache's bound and leave the disk its reserve; the
+    /// plan `keep` (a file stem) stays whatever its size.
+    fn make_room(&self, keep: &Path, incoming: u64) -> Result<()> {
+        Ok(room::make_room(&self.dir, self.max_bytes, keep, incoming)?)
+    }
+
+    /// After a save: the saved plan's real size is on the disk now.
     fn trim(&self, keep: &Path) {
-        let Some(max_bytes) = self.max_bytes else {
-            return;
-        };
-        let mut plans = saved_plans(&self.dir);
-        let mut total: u64 = plans.iter().map(|p| p.bytes).sum();
-        plans.sort_by_key(|p| p.used);
-        for plan in plans {
-            if total <= max_bytes {
-                break;
-            }
-            if plan.stem == keep {
-                continue;
-            }
-            log::info!(
-                "compile cache: over {} MiB, deleting the plan least recently used ({}, {} MiB)",
-                max_bytes >> 20,
-                plan.stem.display(),
-                plan.bytes >> 20
-            );
-            remove_files(&plan.files);
-            total -= plan.bytes;
+        if let Err(err) = self.make_room(keep, 0) {
+            log::warn!("compile cache: {err:#}");
         }
     }
 
@@ -245,6 +233,7 @@ impl CachedModel {
     }
 
     pub fn store(&self, key: &PlanKey, model: &TypedModel) -> Result<()> {
+        self.cache.make_room(&self.stem(key), const_bytes(model))?;
         write_atomically(&self.files(key).graph, |w| {
             nnef()
                 .write_to_tar(model, w)
@@ -260,6 +249,8 @@ impl CachedModel {
     /// skeleton goes last: it is what a start looks for.
     pub fn store_packed(&self, key: &PlanKey, weights: &[PackedWeight]) -> Result<()> {
         let files = self.files(key);
+        self.cache
+            .make_room(&self.stem(key), packed::file_bytes(weights))?;
         let mut index = PackedIndex::new();
         write_atomically(&files.packed, |w| {
             index = packed::write(w, weights)?;
@@ -503,6 +494,19 @@ fn saved_plans(dir: &Path) -> Vec<SavedPlan> {
         }
     }
     plans.into_values().collect()
+}
+
+/// Bytes of the constants of a graph: about what saving it writes.
+fn const_bytes(model: &TypedModel) -> u64 {
+    model
+        .nodes
+        .iter()
+        .filter_map(|node| node.op_as::<tract_onnx::tract_core::ops::konst::Const>())
+        .map(|konst| {
+            let value = konst.val();
+            (value.len() * value.datum_type().size_of()) as u64
+        })
+        .sum()
 }
 
 /// Records a plan's use in its file's modification time, which `trim` reads.

@@ -69,6 +69,15 @@ pub fn is_storable(value: &Tensor) -> bool {
     eager(value).is_some()
 }
 
+/// Size of the file [`write`] makes of `weights`.
+pub fn file_bytes(weights: &[PackedWeight]) -> u64 {
+    weights
+        .iter()
+        .filter_map(|w| eager(&w.value))
+        .map(|eager| (eager.packed.len() as u64).div_ceil(PAGE) * PAGE)
+        .sum()
+}
+
 /// Writes the packed bytes, each at a page boundary, and returns the index.
 pub fn write(out: &mut dyn Write, weights: &[PackedWeight]) -> Result<PackedIndex> {
     let mut index = PackedIndex::new();

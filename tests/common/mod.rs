@@ -2,6 +2,8 @@
 //! and bundle copies with edited configuration.
 #![allow(dead_code)]
 
+pub mod tmpfs;
+
 use std::path::{Path, PathBuf};
 
 use edgegen::engine::Input;
