@@ -24,6 +24,7 @@ pub mod kernels;
 mod packed;
 mod quant;
 
+pub use cache::cache_reserve;
 pub use quant::F16Mode;
 
 use cache::{CachedModel, ModelMeta, PlanCache, PlanKey};

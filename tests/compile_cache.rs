@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use common::tmpfs::Tmpfs;
 use common::{fixtures, named_inputs, read_json};
-use edgegen::engine::{CacheUse, ModelOptions, OnnxModel};
+use edgegen::engine::{cache_reserve, CacheUse, ModelOptions, OnnxModel};
 use ndarray::ArrayD;
 use serde_json::Value;
 
@@ -455,11 +455,6 @@ fn a_bounded_cache_deletes_the_least_recently_used_plans() {
     assert!(plan_bytes(cache.path()) <= max_bytes.max(sizes[1]));
 }
 
-/// Free space the cache keeps on its file system (see `engine::cache::room`).
-fn reserve(fs_bytes: u64) -> u64 {
-    (fs_bytes / 10).min(1 << 30)
-}
-
 /// The compile cache never takes the last tenth of its disk (pictures and the
 /// spool share it): with less free than that nothing is saved; with just a
 /// little more, another model's least recently used plan gives way first.
@@ -470,7 +465,7 @@ fn the_cache_leaves_its_disk_a_reserve() {
     let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "size=32m") else {
         return;
     };
-    let reserve = reserve(disk.size());
+    let reserve = cache_reserve(disk.size());
     let cache = disk.path.join("cache");
     let decoder = |bundle: &str| {
         let references =
@@ -532,7 +527,7 @@ fn packed_weights_wait_for_room_beside_the_whole_graph() {
     let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "size=32m") else {
         return;
     };
-    let reserve = reserve(disk.size());
+    let reserve = cache_reserve(disk.size());
     let cache = disk.path.join("cache");
     let (path, inputs) = text_encoder();
     let expected = run(&open(&path, None), &inputs);

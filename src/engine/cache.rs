@@ -44,6 +44,8 @@ use crate::file_stamp::FileStamp;
 mod nnef_ext;
 mod room;
 
+pub use room::reserve as cache_reserve;
+
 /// The tract release the crate is pinned to (`=` in Cargo.toml); part of every
 /// plan key, because NNEF from one tract release is not promised to load in another.
 pub const TRACT_VERSION: &str = "0.23.9";
