@@ -207,12 +207,17 @@ fn compute_ops(ops: &BTreeMap<String, usize>) -> BTreeMap<String, usize> {
         .collect()
 }
 
-fn tiny_vae() -> (PathBuf, Value) {
-    let references = read_json(&fixtures().join("references/components-tiny-sd.json"));
+/// A fixture bundle's VAE decoder, with inputs from its reference file.
+fn vae_decoder(bundle: &str) -> (PathBuf, Value) {
+    let references = read_json(&fixtures().join(format!("references/components-{bundle}.json")));
     (
-        fixtures().join("bundles/tiny-sd/vae_decoder/model.onnx"),
+        fixtures().join(format!("bundles/{bundle}/vae_decoder/model.onnx")),
         references["vae_decoder"]["inputs"].clone(),
     )
+}
+
+fn tiny_vae() -> (PathBuf, Value) {
+    vae_decoder("tiny-sd")
 }
 
 /// A copy of the tiny VAE decoder that a test may change, a cache beside it,
@@ -403,15 +408,8 @@ fn plan_bytes(cache: &Path) -> u64 {
 #[test]
 fn a_bounded_cache_deletes_the_least_recently_used_plans() {
     let decoders: Vec<(PathBuf, Value)> = ["tiny-sd", "tiny-lcm", "tiny-sd-taesd"]
-        .iter()
-        .map(|bundle| {
-            let references =
-                read_json(&fixtures().join(format!("references/components-{bundle}.json")));
-            (
-                fixtures().join(format!("bundles/{bundle}/vae_decoder/model.onnx")),
-                references["vae_decoder"]["inputs"].clone(),
-            )
-        })
+        .into_iter()
+        .map(vae_decoder)
         .collect();
     let sizes: Vec<u64> = decoders
         .iter()
@@ -455,6 +453,11 @@ fn a_bounded_cache_deletes_the_least_recently_used_plans() {
     assert!(plan_bytes(cache.path()) <= max_bytes.max(sizes[1]));
 }
 
+/// A 32 MiB tmpfs under `dir`; none (with the reason printed) without root.
+fn small_disk(dir: &Path) -> Option<Tmpfs> {
+    Tmpfs::mount(&dir.join("disk"), "size=32m")
+}
+
 /// The compile cache never takes the last tenth of its disk (pictures and the
 /// spool share it): with less free than that nothing is saved; with just a
 /// little more, another model's least recently used plan gives way first.
@@ -462,21 +465,13 @@ fn a_bounded_cache_deletes_the_least_recently_used_plans() {
 #[test]
 fn the_cache_leaves_its_disk_a_reserve() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "size=32m") else {
+    let Some(disk) = small_disk(dir.path()) else {
         return;
     };
     let reserve = cache_reserve(disk.size());
     let cache = disk.path.join("cache");
-    let decoder = |bundle: &str| {
-        let references =
-            read_json(&fixtures().join(format!("references/components-{bundle}.json")));
-        (
-            fixtures().join(format!("bundles/{bundle}/vae_decoder/model.onnx")),
-            references["vae_decoder"]["inputs"].clone(),
-        )
-    };
-    let (a, a_inputs) = decoder("tiny-sd");
-    let (b, b_inputs) = decoder("tiny-lcm");
+    let (a, a_inputs) = vae_decoder("tiny-sd");
+    let (b, b_inputs) = vae_decoder("tiny-lcm");
     let expected_a = run(&open(&a, None), &a_inputs);
     let expected_b = run(&open(&b, None), &b_inputs);
     let no_temporaries = |when: &str| {
@@ -524,7 +519,7 @@ fn the_cache_leaves_its_disk_a_reserve() {
 #[test]
 fn packed_weights_wait_for_room_beside_the_whole_graph() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "size=32m") else {
+    let Some(disk) = small_disk(dir.path()) else {
         return;
     };
     let reserve = cache_reserve(disk.size());
