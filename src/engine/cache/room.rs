@@ -24,14 +24,6 @@ fn space(dir: &Path) -> Option<(u64, u64)> {
     ))
 }
 
-/// Bytes that writing `incoming` more would take from the reserve.
-fn shortfall(dir: &Path, incoming: u64) -> u64 {
-    let Some((available, size)) = space(dir) else {
-        return 0;
-    };
-    (reserve(size) + incoming).saturating_sub(available)
-}
-
 /// Why a plan is not saved.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -65,7 +57,9 @@ pub fn make_room(
     let mut candidates = plans.into_iter().filter(|p| p.stem != keep);
     loop {
         let over_bound = max_bytes.is_some_and(|max| total + incoming > max);
-        let short = shortfall(dir, incoming);
+        // Unknown space (no statvfs) leaves only the bound to keep.
+        let (available, size) = space(dir).unwrap_or((u64::MAX, 0));
+        let short = (reserve(size) + incoming).saturating_sub(available);
         if !over_bound && short == 0 {
             return Ok(());
         }
@@ -73,7 +67,6 @@ pub fn make_room(
             if short == 0 {
                 return Ok(());
             }
-            let (available, size) = space(dir).unwrap_or_default();
             return Err(NoRoom {
                 incoming,
                 available,
