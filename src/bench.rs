@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::bundle::Bundle;
 use crate::commands::{load_pipeline, open_model};
 use crate::config::{Config, MemoryMode};
-use crate::engine::{self, ElementType, Input, ModelOptions, OnnxModel};
+use crate::engine::{self, ElementType, Input, MatrixPath, ModelOptions, OnnxModel};
 use crate::pipeline::{millis, Timings};
 use crate::request::Request;
 
@@ -356,6 +356,8 @@ pub struct OnnxBenchSpec {
     pub cache_dir: Option<PathBuf>,
     /// See `engine::ModelOptions::attention_slice_bytes`.
     pub attention_slice_bytes: Option<usize>,
+    /// See `engine::ModelOptions::matrix_path`.
+    pub matrix_path: MatrixPath,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -437,6 +439,7 @@ pub fn run_onnx(spec: &OnnxBenchSpec) -> Result<OnnxBenchReport> {
     let options = ModelOptions {
         cache_dir: spec.cache_dir.clone(),
         attention_slice_bytes: spec.attention_slice_bytes,
+        matrix_path: spec.matrix_path,
         ..ModelOptions::default()
     };
     let model = OnnxModel::open(&spec.path, &options)?;

@@ -32,6 +32,7 @@ pub fn load_pipeline(config: &Config, bundle: &Bundle) -> Result<Pipeline> {
             cache_dir: config.compile_cache_dir(),
             cache_max_bytes: config.compile_cache_max_bytes(),
             attention_slice_bytes: config.attention_slice_bytes(),
+            matrix_path: config.matrix_path(),
         },
     )
     .with_context(|| format!("loading model '{}'", bundle.id))

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::MatrixPath;
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -41,6 +43,17 @@ pub enum MemoryMode {
     Sequential,
 }
 
+/// `engine.matmul`: which kernels run convolutions and large matrix products.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MatMulSetting {
+    /// The measured default of this architecture (gemm on x86_64, tract elsewhere).
+    #[default]
+    Auto,
+    Gemm,
+    Tract,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
@@ -53,6 +66,7 @@ pub struct EngineConfig {
     /// Largest attention score tensor computed whole, in MiB; larger ones run
     /// in slices of query rows. 0 computes every one whole.
     pub attention_slice_mb: usize,
+    pub matmul: MatMulSetting,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +77,7 @@ impl Default for EngineConfig {
             cache_dir: PathBuf::new(),
             cache_max_mb: 0,
             attention_slice_mb: crate::engine::DEFAULT_ATTENTION_SLICE_BYTES >> 20,
+            matmul: MatMulSetting::Auto,
         }
     }
 }
@@ -179,6 +194,15 @@ impl Config {
     /// `engine.cache_max_mb` in bytes; `None` when the cache is unbounded.
     pub fn compile_cache_max_bytes(&self) -> Option<u64> {
         (self.engine.cache_max_mb > 0).then_some(self.engine.cache_max_mb << 20)
+    }
+
+    /// `engine.matmul` resolved for this CPU.
+    pub fn matrix_path(&self) -> MatrixPath {
+        match self.engine.matmul {
+            MatMulSetting::Auto => MatrixPath::for_this_cpu(),
+            MatMulSetting::Gemm => MatrixPath::Gemm,
+            MatMulSetting::Tract => MatrixPath::Tract,
+        }
     }
 
     /// `engine.attention_slice_mb` in bytes; `None` when slicing is off.

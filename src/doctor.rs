@@ -10,8 +10,9 @@ use anyhow::{Context, Result};
 
 use crate::bundle::{Bundle, BundleKind};
 use crate::commands;
-use crate::config::Config;
+use crate::config::{Config, MatMulSetting};
 use crate::engine::kernels::{self, CpuReport, KernelChoice, PlanKernels};
+use crate::engine::MatrixPath;
 use crate::request::Request;
 
 /// What the report checks a generation against.
@@ -37,6 +38,7 @@ pub fn report(config: &Config, options: &DoctorOptions) -> Result<String> {
         "routines (conv, activations)",
         &kernels::preferred_routines(),
     )?;
+    write_matrix_path(&mut out, config)?;
     if options.skip_model {
         return Ok(out);
     }
@@ -103,6 +105,41 @@ fn compiled_features() -> Vec<&'static str> {
         features.push("(baseline)");
     }
     features
+}
+
+/// Where convolutions and large matrix products run: the gemm crate's
+/// kernels (stride-1 convolutions as shifted taps, 1×1 ones as one product,
+/// others through im2col) or tract's for everything.
+fn write_matrix_path(out: &mut String, config: &Config) -> Result<()> {
+    let path = config.matrix_path();
+    let why = match config.engine.matmul {
+        MatMulSetting::Auto => format!(
+            "engine.matmul = \"auto\": the default on {}",
+            std::env::consts::ARCH
+        ),
+        setting => format!(
+            "engine.matmul = \"{}\"",
+            format!("{setting:?}").to_lowercase()
+        ),
+    };
+    writeln!(
+        out,
+        "
+matrix path: {} ({why})",
+        path.name()
+    )?;
+    match path {
+        MatrixPath::Gemm | MatrixPath::GemmAll => {
+            writeln!(
+                out,
+                "  large f32 convolutions and matrix products: {}",
+                kernels::gemm_kernel()
+            )?;
+            writeln!(out, "  small, depthwise, grouped, int8 and f16 ones: tract")?;
+        }
+        MatrixPath::Tract => writeln!(out, "  every convolution and matrix product: tract")?,
+    }
+    Ok(())
 }
 
 fn write_cpu(out: &mut String, cpu: &CpuReport) -> Result<()> {

@@ -20,11 +20,13 @@ mod cache;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod fold;
+mod gemm_path;
 pub mod kernels;
 mod packed;
 mod quant;
 
 pub use cache::cache_reserve;
+pub use gemm_path::MatrixPath;
 pub use quant::F16Mode;
 
 use cache::{CachedModel, ModelMeta, PlanCache, PlanKey};
@@ -119,6 +121,7 @@ pub fn set_threads(threads: usize) {
         Executor::multithread(threads)
     };
     tract_linalg::multithread::set_default_executor(executor);
+    gemm_path::set_threads(threads);
 }
 
 /// Element type of a graph input or output, as declared in the ONNX file.
@@ -265,6 +268,8 @@ pub struct ModelOptions {
     /// Attention whose score tensor is larger runs in slices of query rows no
     /// larger than this; `None` computes every score matrix whole.
     pub attention_slice_bytes: Option<usize>,
+    /// Which kernels run the convolutions and large matrix products.
+    pub matrix_path: MatrixPath,
 }
 
 impl Default for ModelOptions {
@@ -274,6 +279,7 @@ impl Default for ModelOptions {
             cache_dir: None,
             cache_max_bytes: None,
             attention_slice_bytes: Some(DEFAULT_ATTENTION_SLICE_BYTES),
+            matrix_path: MatrixPath::from_env_or_cpu(),
         }
     }
 }
@@ -312,6 +318,7 @@ pub struct OnnxModel {
     cached: Option<CachedModel>,
     cache_use: CacheUse,
     attention_slice_bytes: Option<usize>,
+    matrix_path: MatrixPath,
     plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
 }
 
@@ -397,6 +404,7 @@ impl OnnxModel {
             },
             cached,
             attention_slice_bytes: options.attention_slice_bytes,
+            matrix_path: options.matrix_path,
             plans: Mutex::new(HashMap::new()),
         }
     }
@@ -446,8 +454,9 @@ impl OnnxModel {
         let values = self.feed(inputs)?;
         let shapes: Vec<Vec<usize>> = values.iter().map(|t| t.shape().to_vec()).collect();
         let plan = self.plan(&shapes)?;
-        let outputs = plan
-            .run(values.into_iter().map(|t| t.into_tvalue()).collect())
+        let outputs = plan.run(values.into_iter().map(|t| t.into_tvalue()).collect());
+        gemm_path::release_scratch();
+        let outputs = outputs
             .map_err(|e| anyhow!("{}: running the graph failed: {e:#}", self.path.display()))?;
         outputs.into_iter().map(|v| self.to_array(v)).collect()
     }
@@ -627,6 +636,17 @@ impl OnnxModel {
                     self.path.display()
                 );
             }
+        }
+        if self.matrix_path != MatrixPath::Tract {
+            let keep_with_tract = |w: &Arc<Tensor>| weights.is_standin(w);
+            let routed = gemm_path::route(&mut typed, self.matrix_path, keep_with_tract)
+                .with_context(context)?;
+            log::debug!(
+                "{}: {} ops on the gemm matrix path: {:?}",
+                self.path.display(),
+                routed.total(),
+                routed.0
+            );
         }
         let mapped = matches!(weights, fold::Weights::Mapped { .. });
         let weights = Arc::new(Mutex::new(weights));

@@ -248,6 +248,7 @@ fn bench(mut config: edgegen::config::Config, args: BenchArgs) -> anyhow::Result
             save_outputs: args.save_outputs,
             cache_dir: args.cache_dir,
             attention_slice_bytes: config.attention_slice_bytes(),
+            matrix_path: config.matrix_path(),
         };
         let report = bench::run_onnx(&spec)?;
         let text = if args.json {

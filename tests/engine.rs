@@ -10,7 +10,7 @@
 mod common;
 
 use common::{array, fixtures, named_inputs, read_json};
-use edgegen::engine::{ElementType, Input, ModelOptions, OnnxModel};
+use edgegen::engine::{ElementType, Input, MatrixPath, ModelOptions, OnnxModel};
 use ndarray::{ArrayD, IxDyn};
 
 const TOLERANCE: f32 = 1e-4;
@@ -53,6 +53,36 @@ fn components_equal_pytorch() {
                 "{bundle}/{component}: max abs diff {diff}"
             );
         }
+    }
+}
+
+/// Every float convolution and matrix product on the gemm matrix path, the
+/// fixtures' small ones included (by size they would stay with tract): the
+/// same tolerance against PyTorch, and both kinds of op in use.
+#[test]
+fn components_on_the_gemm_path_equal_pytorch() {
+    let options = ModelOptions {
+        matrix_path: MatrixPath::GemmAll,
+        ..ModelOptions::default()
+    };
+    let mut ops = std::collections::BTreeMap::new();
+    for bundle in ["tiny-sd", "tiny-lcm", "tiny-sd-taesd"] {
+        for component in ["unet", "vae_decoder"] {
+            let (diff, model) = check_component_with(bundle, component, &options);
+            assert!(
+                diff <= TOLERANCE,
+                "{bundle}/{component} on the gemm path: max abs diff {diff}"
+            );
+            for (op, n) in model.plan_op_counts().unwrap() {
+                *ops.entry(op).or_insert(0) += n;
+            }
+        }
+    }
+    for op in ["GemmConv", "GemmProduct"] {
+        assert!(
+            ops.get(op).is_some_and(|&n| n > 0),
+            "no {op} in the plans: {ops:?}"
+        );
     }
 }
 

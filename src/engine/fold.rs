@@ -52,6 +52,12 @@ pub enum Weights {
 }
 
 impl Weights {
+    /// True for a stand-in that only the packed form saved for tract's
+    /// kernels replaces: the op using it must stay with tract.
+    pub fn is_standin(&self, tensor: &Arc<Tensor>) -> bool {
+        matches!(self, Weights::Mapped { standins, .. } if standins.get(tensor).is_some())
+    }
+
     /// True when the pass and the weights agree: no stand-in is left in the plan.
     pub fn check_complete(&self) -> TractResult<()> {
         if let Weights::Mapped {

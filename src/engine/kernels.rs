@@ -14,6 +14,8 @@ use tract_linalg::MmmDispatch;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 
+use super::gemm_path::{GemmConv, GemmProduct};
+
 /// The instruction set tract dispatches on, as it detected it.
 #[derive(Clone, Debug)]
 pub struct CpuReport {
@@ -72,6 +74,20 @@ fn core_kind() -> Option<String> {
 #[cfg(not(target_arch = "aarch64"))]
 fn core_kind() -> Option<String> {
     None
+}
+
+/// The kernel family the `gemm` crate dispatches to on this CPU: its FMA
+/// kernels on x86_64 with AVX2 and FMA, NEON on aarch64, portable Rust
+/// otherwise (the `generic` prefix, which `doctor` warns about).
+pub fn gemm_kernel() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2") {
+        return "gemm-crate f32 fma (avx2)";
+    }
+    #[cfg(target_arch = "aarch64")]
+    return "gemm-crate f32 neon";
+    #[allow(unreachable_code)]
+    "generic gemm-crate f32"
 }
 
 /// The kernel tract would pick for a few products that stand for the models'
@@ -181,6 +197,15 @@ fn plan_kernels(model: &TypedModel) -> PlanKernels {
             for mmm in &op.mmm {
                 *kernels.matmul.entry(mmm.name().to_string()).or_default() += 1;
             }
+        }
+        if let Some(op) = node.op_as::<GemmConv>() {
+            let name = format!("GemmConv ({})", op.layout.name());
+            *kernels.conv_ops.entry(name).or_default() += 1;
+            continue;
+        }
+        if node.op_is::<GemmProduct>() {
+            *kernels.matmul.entry(gemm_kernel().to_string()).or_default() += 1;
+            continue;
         }
         let name = node.op.name();
         if is_conv_op(&name) {

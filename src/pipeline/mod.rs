@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::bundle::{Bundle, BundleKind};
 use crate::config::{Limits, MemoryMode};
-use crate::engine::{ModelOptions, OnnxModel};
+use crate::engine::{MatrixPath, ModelOptions, OnnxModel};
 use crate::picture::Picture;
 use crate::request::{FieldError, Request, Settings};
 
@@ -75,6 +75,7 @@ impl Component {
             cache_dir: options.cache_dir.clone(),
             cache_max_bytes: options.cache_max_bytes,
             attention_slice_bytes: options.attention_slice_bytes,
+            matrix_path: options.matrix_path,
             ..ModelOptions::default()
         };
         let model = Arc::new(OnnxModel::open(&path, &engine)?);
@@ -104,6 +105,8 @@ pub struct LoadOptions {
     pub cache_max_bytes: Option<u64>,
     /// See `engine::ModelOptions::attention_slice_bytes`.
     pub attention_slice_bytes: Option<usize>,
+    /// See `engine::ModelOptions::matrix_path`.
+    pub matrix_path: MatrixPath,
 }
 
 impl Default for LoadOptions {
@@ -113,6 +116,7 @@ impl Default for LoadOptions {
             cache_dir: None,
             cache_max_bytes: None,
             attention_slice_bytes: ModelOptions::default().attention_slice_bytes,
+            matrix_path: MatrixPath::from_env_or_cpu(),
         }
     }
 }
